@@ -1,0 +1,155 @@
+"""`LALMInput`: one prepared batch for an audio language model.
+
+TransformerLens functions expect a token batch (`tokens.shape == (batch, pos)`). An audio language model needs
+more: the audio features its encoder reads and the rows of the sequence where the audio embeddings go. An
+`LALMInput` carries all of it and still behaves like the token batch where TransformerLens looks (`.shape`,
+`.size()`, `len()`), so `transformer_lens.patching` accepts it unchanged.
+
+It also records how it was made (`prepare_kwargs`), so a corrupted twin (same prompt, silent audio) can be
+prepared by the same code path, and the paper's text segments (early prompt / object tokens / late prompt / last
+token) when answer options were given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+
+SEGMENT_NAMES = ("early_prompt", "object", "late_prompt", "last")
+
+
+class InputError(ValueError):
+    """A bad argument to `prepare` or `trace`: the message names the value."""
+
+
+@dataclass
+class LALMInput:
+    """A prepared batch: tokens, audio features, audio rows and text segments.
+
+    Attributes:
+        tokens: token ids; audio rows hold the port's placeholder id.
+        audio_features: the tensors the port's audio encoder reads (e.g. `input_features`), batch-first.
+        audio_mask: True at the rows that receive audio embeddings.
+        str_tokens: the token strings of each batch row (audio rows shown as the placeholder).
+        segments: text positions of `early_prompt`, `object`, `late_prompt`, `last` (shared by every row), or
+            None when no options were given.
+        port: the name of the port that prepared it.
+        prepare_kwargs: the arguments of `HookedLALM.prepare` (audio excluded), to prepare a twin.
+        extras: port-specific data that is not a tensor batch (e.g. a DeSTA transcript).
+    """
+
+    tokens: Int[torch.Tensor, "batch pos"]
+    audio_features: dict[str, torch.Tensor]
+    audio_mask: Bool[torch.Tensor, "batch pos"]
+    str_tokens: list[list[str]]
+    segments: dict[str, list[int]] | None = None
+    port: str = ""
+    prepare_kwargs: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    _audio_embeds_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- token-batch behaviour (what TransformerLens reads) --------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return self.tokens.shape
+
+    def size(self, dim: int | None = None):
+        return self.tokens.size() if dim is None else self.tokens.size(dim)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    # -- positions ---------------------------------------------------------------------------------------------------
+    @property
+    def audio_positions(self) -> list[int]:
+        """Sequence positions of the audio rows (identical for every batch row)."""
+        return torch.nonzero(self.audio_mask[0]).flatten().tolist()
+
+    @property
+    def first_text_after_audio(self) -> int:
+        """The first position after the audio block: patches before it cannot change anything."""
+        return self.audio_positions[-1] + 1
+
+    @property
+    def text_positions(self) -> list[int]:
+        """Every text position after the audio block, up to the last token."""
+        return list(range(self.first_text_after_audio, self.tokens.shape[1]))
+
+    # -- construction ------------------------------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> LALMInput:
+        """A copy with every tensor on `device`."""
+        return replace(
+            self,
+            tokens=self.tokens.to(device),
+            audio_features={k: v.to(device) for k, v in self.audio_features.items()},
+            audio_mask=self.audio_mask.to(device),
+            _audio_embeds_cache={},
+        )
+
+    @staticmethod
+    def stack(inputs: list[LALMInput]) -> LALMInput:
+        """Batch several inputs of equal length and identical audio rows into one."""
+        if not inputs:
+            raise InputError("LALMInput.stack needs at least one input")
+        first = inputs[0]
+        for i, other in enumerate(inputs[1:], start=1):
+            if other.tokens.shape[1] != first.tokens.shape[1]:
+                raise InputError(
+                    f"cannot batch inputs of different lengths: input 0 has {first.tokens.shape[1]} positions, "
+                    f"input {i} has {other.tokens.shape[1]}; trace them one at a time"
+                )
+            if not torch.equal(other.audio_mask, first.audio_mask[: other.audio_mask.shape[0]]):
+                raise InputError(f"cannot batch inputs whose audio rows differ (input 0 vs input {i})")
+            if other.audio_features.keys() != first.audio_features.keys():
+                raise InputError(f"input {i} was prepared by another port than input 0")
+        return LALMInput(
+            tokens=torch.cat([x.tokens for x in inputs]),
+            audio_features={k: torch.cat([x.audio_features[k] for x in inputs]) for k in first.audio_features},
+            audio_mask=torch.cat([x.audio_mask for x in inputs]),
+            str_tokens=[row for x in inputs for row in x.str_tokens],
+            segments=first.segments if all(x.segments == first.segments for x in inputs) else None,
+            port=first.port,
+            prepare_kwargs=first.prepare_kwargs,
+            extras={k: [x.extras.get(k) for x in inputs] for k in first.extras},
+        )
+
+
+def text_segments(
+    piece_ends: list[int], text: str, first: int, object_text: str | None
+) -> dict[str, list[int]]:
+    """Split the text positions after the audio into the paper's four segments.
+
+    Args:
+        piece_ends: for each position p >= `first`, the end offset in `text` of the decoded tokens `first..p`.
+        text: the decoded text of the positions from `first` to the end.
+        first: the first position after the audio block.
+        object_text: the option list as written in the prompt (e.g. "male, female").
+    """
+    last = first + len(piece_ends) - 1
+    if object_text is None:
+        return {"early_prompt": list(range(first, last)), "object": [], "late_prompt": [], "last": [last]}
+    start = text.find(object_text)
+    if start < 0:
+        raise InputError(f"the option list {object_text!r} does not occur in the prompt text {text!r}")
+    end = start + len(object_text)
+    segs: dict[str, list[int]] = {name: [] for name in SEGMENT_NAMES}
+    piece_start = 0
+    for offset, piece_end in enumerate(piece_ends):
+        pos = first + offset
+        if pos == last:
+            segs["last"].append(pos)
+        elif piece_end <= start:
+            segs["early_prompt"].append(pos)
+        elif piece_start >= end:
+            segs["late_prompt"].append(pos)
+        else:
+            segs["object"].append(pos)
+        piece_start = piece_end
+    return segs

@@ -1,0 +1,123 @@
+"""Qwen2-Audio (`Qwen/Qwen2-Audio-7B`, `Qwen/Qwen2-Audio-7B-Instruct`), the native transformers class.
+
+Release behaviour reproduced (transformers `Qwen2AudioModel.forward`):
+- features: `WhisperFeatureExtractor` (128 mels) padded to 30 s, with a `feature_attention_mask` of the real length;
+- the processor expands `<|AUDIO|>` into N = ((L-1)//2+1 - 2)//2 + 1 placeholder rows (L = real mel frames);
+- the encoder runs on all 3000 frames with a bidirectional key-padding mask built from the conv output length,
+  AvgPool(2,2) and a LayerNorm; `multi_modal_projector` maps 1280 -> d_model; the first N rows of each clip are
+  scattered into the placeholder rows;
+- prompt: the processor's ChatML chat template ("Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\\n{question}"),
+  with the response prefix written after "<|im_start|>assistant\\n".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import nn
+from transformers import (
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2ForCausalLM,
+    WhisperFeatureExtractor,
+)
+from transformers.masking_utils import create_bidirectional_mask
+
+from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, meta_shell
+
+
+class Qwen2AudioPort(Port):
+    name = "qwen2-audio"
+    hf_ids = ("Qwen/Qwen2-Audio-7B-Instruct", "Qwen/Qwen2-Audio-7B")
+    sampling_rate = 16000
+    architectures = ("Qwen2AudioForConditionalGeneration", "qwen2_audio")
+
+    def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+        processor = Qwen2AudioProcessor.from_pretrained(name_or_path)
+        if device is not None:
+            model = model.to(device)
+        return model.eval(), processor
+
+    def tiny(self, **overrides: Any) -> tuple[nn.Module, Any]:
+        from audiolens_ct.testing import tiny_bpe_tokenizer
+
+        tokenizer = tiny_bpe_tokenizer(
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"],
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+        )
+        audio_cfg = dict(
+            d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128,
+            max_source_positions=1500,
+        )
+        audio_cfg.update(overrides.pop("audio_config", {}))
+        text_cfg = dict(
+            model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096, rope_theta=10000.0,
+        )
+        text_cfg.update(overrides.pop("text_config", {}))
+        config = Qwen2AudioConfig(
+            audio_config=audio_cfg,
+            text_config=text_cfg,
+            audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+            **overrides,
+        )
+        model = Qwen2AudioForConditionalGeneration(config).eval()
+        processor = Qwen2AudioProcessor(
+            feature_extractor=WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins),
+            tokenizer=tokenizer,
+        )
+        return model, processor
+
+    def backbone(self, hf_model: nn.Module) -> Backbone:
+        text_config = hf_model.config.text_config
+        shell = meta_shell(Qwen2ForCausalLM, text_config, hf_model.model.language_model, hf_model.lm_head)
+        return Backbone(shell, "Qwen2ForCausalLM", text_config)
+
+    def encode_prompt(
+        self, hf_model: nn.Module, processor: Any, audio: Float[np.ndarray, " samples"], prompt: str,
+        response_prefix: str, **kwargs: Any,
+    ) -> PortInputs:
+        if kwargs:
+            raise TypeError(f"qwen2-audio takes no extra prepare arguments, got {sorted(kwargs)}")
+        messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + response_prefix
+        batch = processor(text=[text], audio=[audio], sampling_rate=self.sampling_rate, return_tensors="pt")
+        tokens = batch["input_ids"]
+        return PortInputs(
+            tokens=tokens,
+            audio_features={
+                "input_features": batch["input_features"],
+                "feature_attention_mask": batch["feature_attention_mask"],
+            },
+            audio_mask=tokens == hf_model.config.audio_token_id,
+        )
+
+    def audio_embeddings(
+        self, hf_model: nn.Module, features: dict[str, torch.Tensor], extras: dict[str, Any], hooks: AudioHooks
+    ) -> Float[torch.Tensor, "batch n_audio d_model"]:
+        tower = hf_model.model.audio_tower
+        feats = features["input_features"].to(tower.conv1.weight.device, tower.conv1.weight.dtype)
+        feature_mask = features["feature_attention_mask"].to(feats.device)
+        conv_lengths, out_lengths = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
+        n_frames = (feats.shape[-1] - 2) // 2 + 1
+        valid = torch.arange(n_frames, device=feats.device)[None, :] < conv_lengths[:, None]
+        mask = create_bidirectional_mask(
+            config=tower.config,
+            inputs_embeds=torch.zeros(feats.shape[0], n_frames, 1, dtype=feats.dtype, device=feats.device),
+            attention_mask=valid.long(),
+        )
+        encoded = hooks.hook_encoder_out(tower(feats, attention_mask=mask).last_hidden_state)
+        projected = hf_model.model.multi_modal_projector(encoded)
+        n_rows = int(out_lengths[0])
+        if not bool((out_lengths == n_rows).all()):
+            raise ValueError(f"qwen2-audio: clips in one batch must give equal audio rows, got {out_lengths.tolist()}")
+        return hooks.hook_embeds(projected[:, :n_rows])
+
+    def hf_logits(self, hf_model: nn.Module, inputs: Any) -> Float[torch.Tensor, "batch pos vocab"]:
+        return hf_model(input_ids=inputs.tokens, **inputs.audio_features).logits
