@@ -39,6 +39,8 @@ class LALMInput:
         port: the name of the port that prepared it.
         prepare_kwargs: the arguments of `HookedLALM.prepare` (audio excluded), to prepare a twin.
         extras: port-specific data that is not a tensor batch (e.g. a DeSTA transcript).
+        audio_embeds_override: audio rows to use instead of the audio tower's (e.g. noise-corrupted ones),
+            `[batch, n_audio, d_model]`.
     """
 
     tokens: Int[torch.Tensor, "batch pos"]
@@ -49,6 +51,7 @@ class LALMInput:
     port: str = ""
     prepare_kwargs: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    audio_embeds_override: torch.Tensor | None = None
     _audio_embeds_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     # -- token-batch behaviour (what TransformerLens reads) --------------------------------------------------------

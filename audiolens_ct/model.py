@@ -220,12 +220,13 @@ class HookedLALM(nn.Module):
 
     def audio_embeddings(self, inp: LALMInput) -> Float[torch.Tensor, "batch n_audio d_model"]:
         """The audio rows for `inp`, computed once and reused unless a hook watches the audio path."""
+        if inp.audio_embeds_override is not None:
+            return inp.audio_embeds_override
         key = id(self)
         hooked = self._audio_hooked()
         if not hooked and key in inp._audio_embeds_cache:
             return inp._audio_embeds_cache[key]
-        with torch.no_grad() if not torch.is_grad_enabled() else torch.enable_grad():
-            embeds = self.port.audio_embeddings(self.hf_model, inp.audio_features, inp.extras, self.audio)
+        embeds = self.port.audio_embeddings(self.hf_model, inp.audio_features, inp.extras, self.audio)
         expected = int(inp.audio_mask.sum())
         if embeds.shape[0] * embeds.shape[1] != expected:
             raise InputError(

@@ -1,0 +1,113 @@
+"""Qwen2-Audio port: HookedLALM reproduces the original model exactly, and TransformerLens runs unchanged on it."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import GENDER_PREFIX, GENDER_PROMPT
+
+import audiolens_ct as act
+from audiolens_ct.testing import check_port, tiny_model, tone
+
+CONFIGS = {
+    "gqa": {},
+    "mha_decoupled_head_dim": {"text_config": {"num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 24}},
+    "gqa_4_to_1": {"text_config": {"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64}},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_equal_hf_forward_across_configs_and_lengths(name):
+    hf_model, processor = tiny_model("qwen2-audio", **CONFIGS[name])
+    report = check_port("qwen2-audio", hf_model, processor, [tone(0.6), tone(3.0, 300), tone(11.0, 180)],
+                        tl_patching=False)
+    assert report.logits_max_diff <= 1e-5
+    assert report.embed_resid_max_diff <= 1e-5
+    assert report.causal_max_diff_before <= 1e-5
+
+
+def test_tl_patching_equals_plain_hf_patching_loop():
+    hf_model, processor = tiny_model("qwen2-audio")
+    report = check_port("qwen2-audio", hf_model, processor, [tone(0.5)])
+    assert report.tl_patching_max_diff <= 1e-5
+
+
+def test_batch_of_two_equal_length_inputs_matches_each_alone(qwen2_audio_model):
+    model = qwen2_audio_model
+    a = model.prepare(tone(2.0, 200, seed=1), GENDER_PROMPT, GENDER_PREFIX, options=["male", "female"])
+    b = model.prepare(tone(2.0, 400, seed=2), GENDER_PROMPT, GENDER_PREFIX, options=["male", "female"])
+    batch = act.LALMInput.stack([a, b])
+    assert batch.shape == (2, a.shape[1])
+    with torch.no_grad():
+        both = model(batch)
+        assert (both[0] - model(a)[0]).abs().max() <= 1e-5
+        assert (both[1] - model(b)[0]).abs().max() <= 1e-5
+        assert (both - model.hf_logits(batch)).abs().max() <= 1e-5
+
+
+def test_audio_rows_and_prompt_layout(qwen2_audio_model):
+    model = qwen2_audio_model
+    inp = model.prepare(tone(5.0), GENDER_PROMPT, GENDER_PREFIX, options=["male", "female"])
+    # 5 s -> 500 mel frames -> 250 conv frames -> 125 rows, contiguous, right after <|audio_bos|>.
+    positions = inp.audio_positions
+    assert len(positions) == 125 and positions == list(range(positions[0], positions[0] + 125))
+    tokens = inp.str_tokens[0]
+    assert tokens[positions[0] - 1] == "<|audio_bos|>" and tokens[positions[-1] + 1] == "<|audio_eos|>"
+    assert "".join(tokens[-6:]).endswith(GENDER_PREFIX)
+    assert "<|im_end|>" not in "".join(tokens[-6:])
+    seg = inp.segments
+    assert "".join(tokens[p] for p in seg["object"]).strip() == "male, female"
+    assert [tokens[p] for p in seg["last"]] == [" is"]
+    assert seg["early_prompt"][0] == positions[-1] + 1
+    assert seg["late_prompt"][-1] == len(tokens) - 2
+
+
+def test_run_with_cache_exposes_audio_hook_points(qwen2_audio_model):
+    model = qwen2_audio_model
+    inp = model.prepare(tone(1.0), GENDER_PROMPT, GENDER_PREFIX)
+    _, cache = model.run_with_cache(inp)
+    assert cache["audio.hook_encoder_out"].shape[-1] == model.hf_model.config.audio_config.d_model
+    assert cache["audio.hook_embeds"].shape == (1, len(inp.audio_positions), model.cfg.d_model)
+    assert inp.segments is None
+
+
+def test_hooks_on_audio_embeds_change_the_output(qwen2_audio_model):
+    model = qwen2_audio_model
+    inp = model.prepare(tone(1.0), GENDER_PROMPT, GENDER_PREFIX)
+    with torch.no_grad():
+        base = model(inp)
+        zeroed = model.run_with_hooks(inp, fwd_hooks=[("audio.hook_embeds", lambda x, hook: torch.zeros_like(x))])
+        again = model(inp)
+    assert (zeroed - base).abs().max() > 1e-3
+    assert torch.equal(again, base)  # the temporary hook is gone and the cached rows are still right
+
+
+def test_save_pretrained_round_trip_offline(tmp_path):
+    hf_model, processor = tiny_model("qwen2-audio", seed=3)
+    hf_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    inputs = processor(text=["<|audio_bos|><|AUDIO|><|audio_eos|> hi"], audio=[tone(1.0)], sampling_rate=16000,
+                       return_tensors="pt")
+    with torch.no_grad():
+        expected = hf_model(**inputs).logits
+    model = act.HookedLALM.from_pretrained(str(tmp_path))
+    assert model.port.name == "qwen2-audio"
+    inp = model.prepare(tone(1.0), GENDER_PROMPT, GENDER_PREFIX)
+    with torch.no_grad():
+        assert (model(inp) - model.hf_logits(inp)).abs().max() <= 1e-5
+        assert (model.hf_model(**inputs).logits - expected).abs().max() <= 1e-5
+
+
+def test_clear_errors_for_bad_checkpoints_and_audio(tmp_path, qwen2_audio_model):
+    with pytest.raises(act.CheckpointError, match="no such checkpoint directory"):
+        act.HookedLALM.from_pretrained(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text('{"architectures": ["WhisperForConditionalGeneration"]}')
+    with pytest.raises(act.PortError, match="WhisperForConditionalGeneration"):
+        act.HookedLALM.from_pretrained(str(tmp_path))
+    with pytest.raises(act.PortError, match="unknown port 'qwen3-audio'"):
+        act.get_port("qwen3-audio")
+    with pytest.raises(act.AudioLoadError, match="44100 Hz but qwen2-audio expects 16000 Hz"):
+        qwen2_audio_model.prepare(tone(1.0), GENDER_PROMPT, GENDER_PREFIX, sampling_rate=44100)
+    with pytest.raises(act.AudioLoadError, match="mono 1-D waveform"):
+        qwen2_audio_model.prepare(np.zeros((2, 16000), np.float32), GENDER_PROMPT, GENDER_PREFIX)
+    with pytest.raises(act.InputError, match="LALMInput"):
+        qwen2_audio_model(torch.zeros(1, 5, dtype=torch.long))
