@@ -12,6 +12,8 @@ token) when answer options were given.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -124,24 +126,43 @@ class LALMInput:
         )
 
 
-def text_segments(
-    piece_ends: list[int], text: str, first: int, object_text: str | None
-) -> dict[str, list[int]]:
+def object_span(text: str, options: list[str] | None, object_text: str | None) -> tuple[int, int] | None:
+    """Character span of the object tokens (the option list) in `text`.
+
+    `object_text` is searched verbatim when given; otherwise `", ".join(options)`, and failing that the smallest
+    span holding every option as a whole word (options listed in another order or with other separators).
+    """
+    if object_text is not None:
+        start = text.find(object_text)
+        if start < 0:
+            raise InputError(f"the object text {object_text!r} does not occur in the prompt text {text!r}")
+        return start, start + len(object_text)
+    if not options:
+        return None
+    joined = ", ".join(options)
+    start = text.find(joined)
+    if start >= 0:
+        return start, start + len(joined)
+    found = {o: re.search(rf"(?<!\w){re.escape(o)}(?!\w)", text) for o in options}
+    missing = [o for o, m in found.items() if m is None]
+    if missing:
+        raise InputError(
+            f"the options {missing} do not occur in the prompt text {text!r}; list the options in the prompt or "
+            "pass object_text="
+        )
+    return min(m.start() for m in found.values()), max(m.end() for m in found.values())
+
+
+def text_segments(piece_ends: list[int], first: int, span: tuple[int, int] | None) -> dict[str, list[int]]:
     """Split the text positions after the audio into the paper's four segments.
 
     Args:
-        piece_ends: for each position p >= `first`, the end offset in `text` of the decoded tokens `first..p`.
-        text: the decoded text of the positions from `first` to the end.
+        piece_ends: for each position p >= `first`, the end offset of the decoded tokens `first..p` in the text.
         first: the first position after the audio block.
-        object_text: the option list as written in the prompt (e.g. "male, female").
+        span: the character span of the object tokens (the option list), or None for no object segment.
     """
     last = first + len(piece_ends) - 1
-    if object_text is None:
-        return {"early_prompt": list(range(first, last)), "object": [], "late_prompt": [], "last": [last]}
-    start = text.find(object_text)
-    if start < 0:
-        raise InputError(f"the option list {object_text!r} does not occur in the prompt text {text!r}")
-    end = start + len(object_text)
+    start, end = span if span is not None else (piece_ends[-1] + 1, piece_ends[-1] + 1)
     segs: dict[str, list[int]] = {name: [] for name in SEGMENT_NAMES}
     piece_start = 0
     for offset, piece_end in enumerate(piece_ends):

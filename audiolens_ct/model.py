@@ -29,7 +29,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 
 from audiolens_ct.audio import as_waveform
-from audiolens_ct.inputs import InputError, LALMInput, text_segments
+from audiolens_ct.inputs import InputError, LALMInput, object_span, text_segments
 from audiolens_ct.ports import AudioHooks, CheckpointError, Port, get_port, port_for_config
 
 HookList = Sequence[tuple[str | Callable[[str], bool], Callable]]
@@ -185,7 +185,7 @@ class HookedLALM(nn.Module):
             extras=encoded.extras,
         )
         if options is not None:
-            inp.segments = self._segments(inp, object_text or ", ".join(options))
+            inp.segments = self._segments(inp, list(options), object_text)
         return inp
 
     def prepare_like(self, inp: LALMInput, audio: Any, sampling_rate: int | None = None, **overrides: Any) -> LALMInput:
@@ -196,14 +196,14 @@ class HookedLALM(nn.Module):
         tok = self.tokenizer
         return [tok.decode([i]) for i in ids]
 
-    def _segments(self, inp: LALMInput, object_text: str) -> dict[str, list[int]]:
+    def _segments(self, inp: LALMInput, options: list[str], object_text: str | None) -> dict[str, list[int]]:
         ids = inp.tokens[0].tolist()
         first = inp.first_text_after_audio
         if first >= len(ids):
             raise InputError(f"{self.port.name}: the prompt has no text after the audio")
         tok = self.tokenizer
         ends = [len(tok.decode(ids[first : p + 1])) for p in range(first, len(ids))]
-        return text_segments(ends, tok.decode(ids[first:]), first, object_text)
+        return text_segments(ends, first, object_span(tok.decode(ids[first:]), options, object_text))
 
     def to_str_tokens(self, x: LALMInput | torch.Tensor | str) -> list[str] | list[list[str]]:
         """Token strings of an input (batch 1 gives a flat list), a token tensor, or a string."""

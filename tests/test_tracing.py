@@ -1,0 +1,140 @@
+"""Causal tracing: the fast engine equals the TransformerLens reference engine; RR and exclusion follow the paper."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import GENDER_PREFIX, GENDER_PROMPT
+
+import audiolens_ct as act
+from audiolens_ct.data.answers import answer_tokens
+from audiolens_ct.testing import tone
+from audiolens_ct.tracing import layer_wise, token_wise
+from audiolens_ct.tracing.engine_fast import evaluate_fast, run_corrupted
+
+WORDS = ["male", "female", "dog", "cat", "pig", "cow", "frog", "hen", "sheep", "crow", "angry", "happy", "sad", "fear"]
+
+
+def listening_options(model, wave):
+    """Two options for which this random model's clean run predicts the first and the silent run the second."""
+    clean = model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX)
+    silent = model.prepare(np.zeros_like(wave), GENDER_PROMPT, GENDER_PREFIX)
+    with torch.no_grad():
+        p_clean = model(clean)[0, -1].softmax(-1)
+        p_silent = model(silent)[0, -1].softmax(-1)
+    ids = answer_tokens(model.tokenizer, WORDS)
+    for a, b in itertools.permutations(WORDS, 2):
+        ia, ib = ids[a], ids[b]
+        if p_clean[ia] > p_clean[ib] and p_silent[ib] > p_silent[ia] and p_clean[ia] > p_silent[ia]:
+            return a, [a, b]
+    raise AssertionError("no option pair separates the clean and silent runs of this tiny model")
+
+
+@pytest.fixture(scope="module")
+def kept(qwen2_audio_model):
+    wave = tone(1.0, 250)
+    target, options = listening_options(qwen2_audio_model, wave)
+    return wave, target, options
+
+
+CASES = [
+    ("resid_pre", 1, "silence"),
+    ("resid_post", 1, "silence"),
+    ("attn_out", 1, "noise"),
+    ("mlp_out", 3, "silence"),
+    ("attn_out", 3, "swap"),
+]
+
+
+@pytest.mark.parametrize(("kind", "window", "corruption"), CASES)
+def test_fast_engine_equals_reference_engine(qwen2_audio_model, kept, kind, window, corruption):
+    wave, target, options = kept
+    common = dict(target=target, options=options, kind=kind, window=window, corruption=corruption,
+                  noise_copies=3, swap_audio=tone(1.0, 800, seed=5), trace_excluded=True)
+    fast = act.trace(qwen2_audio_model, wave, GENDER_PROMPT, GENDER_PREFIX, engine="fast", max_batch=2, **common)
+    ref = act.trace(qwen2_audio_model, wave, GENDER_PROMPT, GENDER_PREFIX, engine="transformer_lens", **common)
+    assert fast.p_token.shape == (qwen2_audio_model.cfg.n_layers, len(fast.positions))
+    assert np.abs(fast.p_token - ref.p_token).max() <= 1e-6
+    assert np.abs(fast.p_layer - ref.p_layer).max() <= 1e-6
+    assert abs(fast.p_corrupted - ref.p_corrupted) <= 1e-6
+    if not fast.excluded:
+        assert np.abs(fast.token_rr - ref.token_rr).max() <= 1e-5
+        assert np.abs(fast.layer_rr - ref.layer_rr).max() <= 1e-5
+    # the patches do something: some patched probability moves away from the corrupted one
+    assert np.abs(fast.p_token - fast.p_corrupted).max() > 1e-6
+
+
+def test_kept_sample_has_finite_rr_and_segment_summaries(qwen2_audio_model, kept):
+    wave, target, options = kept
+    res = act.trace(qwen2_audio_model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options)
+    assert not res.excluded and res.exclusion_reason is None
+    assert res.clean_prediction == target and res.corrupted_prediction != target
+    assert np.isfinite(res.layer_rr).all() and np.isfinite(res.token_rr).all()
+    # before layer 0 a text position holds only its token embedding, the same in both runs: nothing to recover
+    assert np.abs(res.token_rr[0]).max() <= 1e-4 and abs(res.layer_rr[0]) <= 1e-4
+    assert np.abs(res.token_rr[1:]).max() > 1e-3
+    last = res.positions.index(len(res.str_tokens) - 1)
+    # the last position's output of the last layer is all the unembedding reads: restoring it recovers fully
+    post = act.trace(qwen2_audio_model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options,
+                     kind="resid_post", modes=("token",))
+    assert post.token_rr[-1, last] == pytest.approx(1.0, abs=1e-4)
+    assert np.abs(np.delete(post.token_rr[-1], last)).max() <= 1e-4
+    assert set(res.segment_rr) == {"early_prompt", "late_prompt", "last"} | ({"object"} if res.segments["object"] else set())
+    assert res.segment_rr["last"] == pytest.approx(res.token_rr[:, last].tolist())
+
+
+def test_exclusion_keeps_probabilities_and_gives_no_rr(qwen2_audio_model, kept):
+    wave, target, options = kept
+    wrong = [o for o in options if o != target][0]
+    res = act.trace(qwen2_audio_model, wave, GENDER_PROMPT, GENDER_PREFIX, target=wrong, options=options)
+    assert res.excluded and res.exclusion_reason == "clean_wrong"
+    assert res.layer_rr is None and res.token_rr is None
+    assert 0 < res.p_clean < 1 and 0 < res.p_corrupted < 1
+
+
+def test_fast_engine_reuses_one_corrupted_run_across_chunk_sizes(qwen2_audio_model, kept):
+    model = qwen2_audio_model
+    wave, target, options = kept
+    clean = model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX, options=options)
+    corrupted = model.prepare_like(clean, np.zeros_like(wave))
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    run = run_corrupted(model, corrupted)
+    with torch.no_grad():
+        direct = model(corrupted)[0, -1]
+    assert (run.last_logits[0] - direct).abs().max() <= 1e-5
+    sweep = token_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
+    tid = answer_tokens(model.tokenizer, options)[target]
+    grids = [evaluate_fast(model, sweep, cache, run, tid, max_batch=b) for b in (1, 2, 64)]
+    assert torch.allclose(grids[0], grids[1], atol=1e-9) and torch.allclose(grids[0], grids[2], atol=1e-9)
+    layer = evaluate_fast(model, layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions), cache,
+                          run, tid)
+    assert layer.shape == (model.cfg.n_layers,)
+
+
+def test_bad_inputs_fail_clearly(qwen2_audio_model):
+    model = qwen2_audio_model
+    with pytest.raises(act.InputError, match="'wolf' is not among the options"):
+        act.trace(model, tone(1.0), GENDER_PROMPT, GENDER_PREFIX, target="wolf", options=["male", "female"])
+    # " catalog" and " cat" share the tiny tokenizer's first token " cat"
+    assert model.tokenizer.tokenize(" catalog")[0] == model.tokenizer.tokenize(" cat")[0]
+    with pytest.raises(act.InputError, match="distinct tokens.*'cat', 'catalog'"):
+        act.trace(model, tone(1.0), GENDER_PROMPT, GENDER_PREFIX, target="cat", options=["cat", "catalog"])
+    with pytest.raises(act.AudioLoadError, match="mono 1-D"):
+        act.trace(model, np.zeros((16000, 2)), GENDER_PROMPT, GENDER_PREFIX, target="male", options=["male", "female"])
+    with pytest.raises(act.InputError, match="unknown engine"):
+        act.trace(model, tone(1.0), GENDER_PROMPT, GENDER_PREFIX, target="male", options=["male", "female"],
+                  engine="nnsight")
+    with pytest.raises(act.InputError, match="same length"):
+        act.trace(model, tone(1.0), GENDER_PROMPT, GENDER_PREFIX, target="male", options=["male", "female"],
+                  corruption="swap", swap_audio=tone(2.0))
+
+
+def test_result_round_trips_through_json_and_npz(qwen2_audio_model, kept, tmp_path):
+    wave, target, options = kept
+    res = act.trace(qwen2_audio_model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options)
+    for suffix in (".json", ".npz"):
+        back = act.TraceResult.load(res.save(tmp_path / f"r{suffix}"))
+        assert np.array_equal(back.token_rr, res.token_rr) and np.array_equal(back.layer_rr, res.layer_rr)
+        assert back.segments == res.segments and back.meta == res.meta and back.p_clean == res.p_clean
+    assert res.meta["engine"] == "fast" and res.meta["corruption"] == "silence" and "torch" in res.meta["versions"]
