@@ -13,7 +13,6 @@ token) when answer options were given.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field, replace
 from typing import Any
 

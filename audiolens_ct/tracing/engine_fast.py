@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -73,6 +74,16 @@ def _run_block(block: torch.nn.Module, h: torch.Tensor, pe: Any, positions: torc
     return out[0] if isinstance(out, tuple) else out
 
 
+def _write_rows(
+    x: Float[torch.Tensor, "rows pos d_model"], hook: Any = None, *, rows: torch.Tensor, cols: torch.Tensor,
+    values: Float[torch.Tensor, "n_cols d_model"],
+) -> torch.Tensor:
+    """Write the clean `values` at suffix columns `cols` of batch rows `rows` (usable as a TransformerLens hook)."""
+    x = x.clone()
+    x[rows[:, None], cols[None, :]] = values.to(x.dtype)
+    return x
+
+
 def _unembed_last(bridge: Any, h: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows vocab"]:
     return bridge.unembed(bridge.ln_final(h[:, -1:]))[:, 0]
 
@@ -106,7 +117,8 @@ def _suffix_pass(
     positions = torch.arange(start, total, device=run.resid_pre[0].device)[None]
     pe = bridge.rotary_emb(run.resid_pre[0][:, start:], positions)
     cache = _PrefixKV(run.kv, start, copies)
-    src, rel = list(rows[0].src), [d - start for d in rows[0].dst]
+    src = list(rows[0].src)
+    cols = torch.tensor([d - start for d in rows[0].dst], device=positions.device)
     joins = [min(p.layers) for p in rows]
     h = run.resid_pre[0][:0, start:]
     for layer, block in enumerate(bridge.blocks):
@@ -119,14 +131,12 @@ def _suffix_pass(
         if not active:
             h = _run_block(block, h, pe, positions, cache)
             continue
-        row_index = torch.tensor([r * copies + c for r in active for c in range(copies)], device=h.device)
-        clean = clean_cache[get_act_name(kind, layer)][0, src]
-
-        def write(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
-            x = x.clone()
-            x[row_index[:, None], torch.tensor(rel, device=x.device)[None, :]] = clean.to(x.dtype)
-            return x
-
+        write = partial(
+            _write_rows,
+            rows=torch.tensor([r * copies + c for r in active for c in range(copies)], device=h.device),
+            cols=cols,
+            values=clean_cache[get_act_name(kind, layer)][0, src],
+        )
         if kind == "resid_pre":
             h = _run_block(block, write(h), pe, positions, cache)
             continue
