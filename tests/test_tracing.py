@@ -138,3 +138,29 @@ def test_result_round_trips_through_json_and_npz(qwen2_audio_model, kept, tmp_pa
         assert np.array_equal(back.token_rr, res.token_rr) and np.array_equal(back.layer_rr, res.layer_rr)
         assert back.segments == res.segments and back.meta == res.meta and back.p_clean == res.p_clean
     assert res.meta["engine"] == "fast" and res.meta["corruption"] == "silence" and "torch" in res.meta["versions"]
+
+
+def test_engines_agree_when_clean_and_corrupted_lengths_differ(qwen2_audio_model, kept):
+    """Like DeSTA with a changed transcript: the text after the audio is aligned by its offset from the end."""
+    from audiolens_ct.tracing import aligned_positions
+    from audiolens_ct.tracing.engine_reference import evaluate_reference
+
+    model = qwen2_audio_model
+    wave, target, options = kept
+    clean = model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX, options=options)
+    longer = model.prepare_like(clean, np.zeros(2 * len(wave), np.float32))
+    src, dst = aligned_positions(clean, longer)
+    offset = longer.shape[1] - clean.shape[1]
+    assert offset > 0 and src == clean.text_positions and dst == [p + offset for p in src]
+    assert [longer.str_tokens[0][d] for d in dst] == [clean.str_tokens[0][s] for s in src]
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_mlp_out"))
+    tid = answer_tokens(model.tokenizer, options)[target]
+
+    def metric(logits):
+        return logits[:, -1].softmax(-1)[:, tid].mean()
+
+    for sweep in (token_wise(model.cfg.n_layers, src, dst, kind="mlp_out"),
+                  layer_wise(model.cfg.n_layers, src, dst, kind="mlp_out")):
+        fast = evaluate_fast(model, sweep, cache, longer, tid, max_batch=3)
+        ref = evaluate_reference(model, sweep, cache, longer, metric)
+        assert (fast - ref).abs().max() <= 1e-6
