@@ -64,7 +64,8 @@ def read_checkpoint_config(name_or_path: str) -> dict[str, Any]:
             config_file = Path(hf_hub_download(name_or_path, "config.json"))
         except Exception as exc:  # hub errors come in many types; the message is what matters
             raise CheckpointError(
-                f"{name_or_path}: cannot fetch config.json from the hub or its cache ({type(exc).__name__}: {exc})"
+                f"{name_or_path}: not a local directory, and no config.json for it in the hub or its cache "
+                f"({type(exc).__name__}: {exc})"
             ) from exc
     try:
         return json.loads(config_file.read_text())

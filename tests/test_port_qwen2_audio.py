@@ -111,3 +111,33 @@ def test_clear_errors_for_bad_checkpoints_and_audio(tmp_path, qwen2_audio_model)
         qwen2_audio_model.prepare(np.zeros((2, 16000), np.float32), GENDER_PROMPT, GENDER_PREFIX)
     with pytest.raises(act.InputError, match="LALMInput"):
         qwen2_audio_model(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_hub_id_resolves_from_an_offline_hub_cache(tmp_path):
+    """`from_pretrained("org/name")` takes exactly the hub path: a Hugging Face cache laid out by hand, offline."""
+    import os
+    import subprocess
+    import sys
+
+    hf_model, processor = tiny_model("qwen2-audio", seed=4)
+    snapshot = tmp_path / "models--tiny-org--tiny-qwen2-audio" / "snapshots" / ("ab" * 20)
+    hf_model.save_pretrained(snapshot)
+    processor.save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("ab" * 20)
+    code = (
+        "import audiolens_ct as act, numpy as np, torch\n"
+        "m = act.HookedLALM.from_pretrained('tiny-org/tiny-qwen2-audio')\n"
+        "inp = m.prepare(np.zeros(16000, np.float32) + 0.1, 'Hi?', 'It is')\n"
+        "print(m.port.name, float((m(inp) - m.hf_logits(inp)).abs().max()))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, diff = out.stdout.split()[-2:]
+    assert name == "qwen2-audio" and float(diff) <= 1e-5
+    missing = subprocess.run(
+        [sys.executable, "-c", "import audiolens_ct as act; act.HookedLALM.from_pretrained('tiny-org/absent')"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert missing.returncode != 0 and "tiny-org/absent: not a local directory" in missing.stderr
