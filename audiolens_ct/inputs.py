@@ -94,6 +94,7 @@ class LALMInput:
             tokens=self.tokens.to(device),
             audio_features={k: v.to(device) for k, v in self.audio_features.items()},
             audio_mask=self.audio_mask.to(device),
+            audio_embeds_override=None if self.audio_embeds_override is None else self.audio_embeds_override.to(device),
             _audio_embeds_cache={},
         )
 
@@ -122,6 +123,11 @@ class LALMInput:
             port=first.port,
             prepare_kwargs=first.prepare_kwargs,
             extras={k: [x.extras.get(k) for x in inputs] for k in first.extras},
+            audio_embeds_override=(
+                torch.cat([x.audio_embeds_override for x in inputs])
+                if all(x.audio_embeds_override is not None for x in inputs)
+                else None
+            ),
         )
 
 

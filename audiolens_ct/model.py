@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import nn
@@ -331,7 +330,3 @@ class HookedLALM(nn.Module):
     @property
     def n_layers(self) -> int:
         return self.cfg.n_layers
-
-
-def to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()
