@@ -164,3 +164,22 @@ def test_engines_agree_when_clean_and_corrupted_lengths_differ(qwen2_audio_model
         fast = evaluate_fast(model, sweep, cache, longer, tid, max_batch=3)
         ref = evaluate_reference(model, sweep, cache, longer, metric)
         assert (fast - ref).abs().max() <= 1e-6
+
+
+PORT_CASES = [("resid_pre", 1, "silence"), ("attn_out", 1, "noise"), ("mlp_out", 3, "swap"), ("resid_post", 1, "silence")]
+
+
+@pytest.mark.parametrize("port", ["voxtral", "qwen-audio"])
+def test_fast_engine_equals_reference_engine_on_other_ports(port):
+    from audiolens_ct.testing import tiny_model
+
+    model = act.HookedLALM.from_hf(*tiny_model(port), port=port)
+    wave = tone(0.8, 300)
+    for kind, window, corruption in PORT_CASES:
+        common = dict(target="male", options=["male", "female"], kind=kind, window=window, corruption=corruption,
+                      noise_copies=2, swap_audio=tone(0.8, 700, seed=3), trace_excluded=True)
+        fast = act.trace(model, wave, GENDER_PROMPT, GENDER_PREFIX, engine="fast", max_batch=2, **common)
+        ref = act.trace(model, wave, GENDER_PROMPT, GENDER_PREFIX, engine="transformer_lens", **common)
+        assert np.abs(fast.p_token - ref.p_token).max() <= 1e-6, (port, kind)
+        assert np.abs(fast.p_layer - ref.p_layer).max() <= 1e-6, (port, kind)
+        assert np.abs(fast.p_token - fast.p_corrupted).max() > 0, (port, kind)
