@@ -4,8 +4,8 @@ from audiolens_ct import testing
 from audiolens_ct.audio import AudioLoadError, load_audio
 from audiolens_ct.inputs import InputError, LALMInput
 from audiolens_ct.model import HookedLALM
-from audiolens_ct.tracing import TraceResult, trace
 from audiolens_ct.ports import CheckpointError, Port, PortError, available_ports, get_port, register_port
+from audiolens_ct.tracing import TraceResult, trace
 
 __version__ = "0.1.0"
 
