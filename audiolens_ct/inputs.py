@@ -135,20 +135,22 @@ def object_span(text: str, options: list[str] | None, object_text: str | None) -
     """Character span of the object tokens (the option list) in `text`.
 
     `object_text` is searched verbatim when given; otherwise `", ".join(options)`, and failing that the smallest
-    span holding every option as a whole word (options listed in another order or with other separators).
+    span holding every option's last occurrence as a whole word (options listed in another order or with other
+    separators). The last occurrence is taken because the question comes after anything else in the text after
+    the audio (e.g. a DeSTA transcript that happens to name an option).
     """
     if object_text is not None:
-        start = text.find(object_text)
+        start = text.rfind(object_text)
         if start < 0:
             raise InputError(f"the object text {object_text!r} does not occur in the prompt text {text!r}")
         return start, start + len(object_text)
     if not options:
         return None
     joined = ", ".join(options)
-    start = text.find(joined)
+    start = text.rfind(joined)
     if start >= 0:
         return start, start + len(joined)
-    found = {o: re.search(rf"(?<!\w){re.escape(o)}(?!\w)", text) for o in options}
+    found = {o: ([None, *re.finditer(rf"(?<!\w){re.escape(o)}(?!\w)", text)])[-1] for o in options}
     missing = [o for o, m in found.items() if m is None]
     if missing:
         raise InputError(

@@ -309,18 +309,24 @@ class HookedLALM(nn.Module):
     ) -> tuple[Any, ActivationCache]:
         """Run and cache activations: the bridge's hook points plus `audio.hook_encoder_out` and `audio.hook_embeds`."""
         wanted = _names_predicate(names_filter)
+        audio_names = self.audio.hook_points()
         audio_cache: dict[str, torch.Tensor] = {}
 
         def save(tensor: torch.Tensor, hook: Any) -> None:
             audio_cache[hook.name] = tensor[0].detach() if remove_batch_dim else tensor.detach()
 
-        audio_hooks = [(name, save) for name in self.audio.hook_points() if wanted(name)]
+        audio_hooks = [(name, save) for name in audio_names if wanted(name)]
+        bridge_names = [n for n in self.bridge.hook_dict if n not in audio_names and wanted(n)]
+        bridge_filter = None if names_filter is None else (lambda n: n not in audio_names and wanted(n))
         with self.hooks(fwd_hooks=audio_hooks), self._spliced(inp):
-            out, cache = self.bridge.run_with_cache(
-                inp.tokens, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs
-            )
-        merged = {**audio_cache, **dict(cache.cache_dict)}
-        return out, ActivationCache(merged, self.bridge, has_batch_dim=not remove_batch_dim)
+            if bridge_names or names_filter is None:
+                out, cache = self.bridge.run_with_cache(
+                    inp.tokens, names_filter=bridge_filter, remove_batch_dim=remove_batch_dim, **kwargs
+                )
+                bridge_cache = dict(cache.cache_dict)
+            else:
+                out, bridge_cache = self.bridge(inp.tokens, **kwargs), {}
+        return out, ActivationCache({**audio_cache, **bridge_cache}, self.bridge, has_batch_dim=not remove_batch_dim)
 
     def hf_logits(self, inp: LALMInput) -> Float[torch.Tensor, "batch pos vocab"]:
         """The original model's own forward on `inp` (the conformance oracle)."""

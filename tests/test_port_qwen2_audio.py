@@ -141,3 +141,10 @@ def test_hub_id_resolves_from_an_offline_hub_cache(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert missing.returncode != 0 and "tiny-org/absent: not a local directory" in missing.stderr
+
+
+def test_run_with_cache_of_audio_hooks_alone(qwen2_audio_model):
+    inp = qwen2_audio_model.prepare(tone(1.0), GENDER_PROMPT, GENDER_PREFIX)
+    logits, cache = qwen2_audio_model.run_with_cache(inp, names_filter="audio.hook_embeds")
+    assert list(cache.keys()) == ["audio.hook_embeds"]
+    assert (logits - qwen2_audio_model(inp)).abs().max() == 0

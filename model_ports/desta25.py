@@ -1,0 +1,258 @@
+"""DeSTA2.5-Audio (`DeSTA-ntu/DeSTA2.5-Audio-Llama-3.1-8B`): whisper-large-v3 taps -> Q-Former -> Llama-3.1-8B.
+
+Release behaviour reproduced (`kehanlu/DeSTA2.5-Audio: desta/models/modeling_desta25.py`):
+- audio: mono 16 kHz (channels averaged, resampled only when the rate differs); Whisper 128-mel features, 30 s.
+- taps: the Whisper encoder run layer by layer, tapped after the layers with 0-based loop index [7, 15, 23, 31]
+  (outputs of layers 8, 16, 24, 32), never through the final LayerNorm.
+- connector: the Q-Former has `qformer_num_hidden_layers` layers (6 in the release), 64 queries per tap.
+- transcript: Silero VAD first; no speech -> " ". Otherwise greedy Whisper ASR (at most 128 new tokens),
+  special tokens skipped, stripped. `prepare(..., transcript="...")` passes one in instead and is used as
+  given (the release would still force " " on a clip without speech: pass transcript=" " to reproduce that).
+  The VAD needs the optional `silero-vad` package (`pip install "audiolens-ct[desta]"`); `vad=False` skips it.
+- prompt: the Llama-3.1 chat template (system turn with the date header) over system / user messages, the user
+  turn `<|AUDIO|>\\n{question}`; `<|AUDIO|>` becomes `<start_audio>` + (64 + T) x `<|reserved_special_token_87|>`
+  + `<end_audio>` (T = transcript tokens) and the text is tokenised without added special tokens (one BOS).
+  The run is overwritten by the 64 connector rows followed by the transcript's token embeddings (tokenised on
+  its own, no special tokens), so all 64 + T rows are audio rows here. The response prefix follows the
+  assistant header.
+
+Checkpoint layout: `config.json` (`llm_model_id`, `encoder_model_id`, `qformer_num_hidden_layers`,
+`prompt_size`, `placeholder_token`, `target_layer_ids`, ...) and `model.safetensors` holding only the connector
+(`perception.connector.*`). Whisper and the LLM come by id (`from_pretrained`, hub cache honoured) or from the
+port's `whisper=` / `llm=` overrides. The LLM runs in `dtype` (default fp32; the release uses bf16), Whisper and
+the connector in fp32.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from audiolens_ct.inputs import InputError
+from audiolens_ct.model import read_checkpoint_config
+from audiolens_ct.ports import AudioHooks, CheckpointError, PortInputs
+from model_ports._desta_common import (
+    LLAMA31_CHAT_TEMPLATE,
+    PLACEHOLDER_TOKEN,
+    DestaAudioModel,
+    DestaPortBase,
+    DestaProcessor,
+    DestaSettings,
+    QformerConnector,
+    load_connector_state,
+    load_llm,
+    load_whisper,
+    resolve_file,
+    target_layers,
+    tiny_llama,
+    tiny_llama_tokenizer,
+    tiny_whisper,
+)
+
+WEIGHTS_FILE = "model.safetensors"
+CONNECTOR_PREFIX = "perception.connector."
+SYSTEM_PROMPT = "Focus on the audio clips and instructions."
+AUDIO_LOCATOR = "<|AUDIO|>"
+ASR_MAX_NEW_TOKENS = 128
+SILERO_HINT = 'pip install "audiolens-ct[desta]"  (the silero-vad package)'
+# The release's taps per Whisper model (`QformerConnector.__init__`), read as layer-loop indices.
+RELEASE_TARGET_LAYERS = {
+    "openai/whisper-tiny": [0, 1, 2, 3],
+    "openai/whisper-small": [2, 5, 8, 11],
+    "openai/whisper-medium": [5, 11, 17, 23],
+    "openai/whisper-large-v3": [7, 15, 23, 31],
+}
+
+
+class Desta25Model(DestaAudioModel):
+    """DeSTA2.5-Audio as one module; `forward` is the released input path (the conformance oracle)."""
+
+    def audio_rows(
+        self, input_features: Float[torch.Tensor, "batch mels frames"], transcript_ids: Int[torch.Tensor, "batch T"],
+        hooks: AudioHooks | None = None,
+    ) -> Float[torch.Tensor, "batch P_plus_T d_llm"]:
+        """The 64 connector rows followed by the transcript's token embeddings."""
+        rows = self.connector_rows(input_features, hooks)
+        text = self.embed(transcript_ids).to(rows.device)
+        return torch.cat([rows, text.to(rows.dtype)], dim=1)
+
+    def forward(
+        self, input_ids: Int[torch.Tensor, "batch pos"], audio_start: int,
+        input_features: Float[torch.Tensor, "batch mels frames"], transcript_ids: Int[torch.Tensor, "batch T"],
+    ) -> Float[torch.Tensor, "batch pos vocab"]:
+        """Logits for the released `input_ids` (placeholder run included): the run starting at `audio_start` is
+        overwritten with the audio rows, then the LLM runs on `inputs_embeds`."""
+        embeds = self.embed(input_ids).clone()
+        rows = self.audio_rows(input_features, transcript_ids)
+        embeds[:, audio_start : audio_start + rows.shape[1]] = rows.to(embeds.device, embeds.dtype)
+        return self.llm(inputs_embeds=embeds).logits
+
+
+class Desta25Port(DestaPortBase):
+    """DeSTA2.5-Audio. Options: `whisper=` / `llm=` override the ids of config.json with local directories or other
+    ids; `vad` (default True, as released) gates ASR on Silero VAD."""
+
+    name = "desta2.5"
+    hf_ids = ("DeSTA-ntu/DeSTA2.5-Audio-Llama-3.1-8B",)
+    architectures = ("DeSTA25AudioModel", "desta25")
+
+    def __init__(self, whisper: str | None = None, llm: str | None = None, vad: bool = True) -> None:
+        self.whisper_override = whisper
+        self.llm_override = llm
+        self.vad = vad
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        return super().matches(config) or {"llm_model_id", "encoder_model_id"} <= config.keys()
+
+    def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+        config = read_checkpoint_config(name_or_path)
+        source = f"{name_or_path}/config.json"
+        if config.get("connector_mode", "qformer_1") != "qformer_1":
+            raise CheckpointError(f"{source}: connector_mode {config['connector_mode']!r} is not supported (qformer_1 is)")
+        if config.get("use_lora"):
+            raise CheckpointError(f"{source}: use_lora=true checkpoints (LoRA on the LLM) are not supported")
+        whisper_id = config.get("encoder_model_id", "openai/whisper-large-v3")
+        llm_id = config.get("llm_model_id", "DeSTA-ntu/Llama-3.1-8B-Instruct")
+        settings = DestaSettings(
+            prompt_size=int(config.get("prompt_size", 64)),
+            target_layer_ids=target_layers(config, whisper_id, RELEASE_TARGET_LAYERS, source),
+            tap_convention="layer_loop",
+            placeholder_token=config.get("placeholder_token", PLACEHOLDER_TOKEN),
+        )
+        state = _connector_state(resolve_file(name_or_path, WEIGHTS_FILE, "the DeSTA2.5 connector weights"))
+        whisper, whisper_processor = load_whisper(self.whisper_override or whisper_id, name_or_path)
+        llm, tokenizer = load_llm(self.llm_override or llm_id, dtype or torch.float32, name_or_path)
+        connector = _connector(whisper.config, llm.config, settings, int(config.get("qformer_num_hidden_layers", 2)))
+        load_connector_state(connector, state, f"{name_or_path}/{WEIGHTS_FILE}")
+        model = Desta25Model(whisper, connector, llm, settings).eval()
+        if device is not None:
+            model = model.to(device)
+        return model, DestaProcessor(whisper_processor, tokenizer)
+
+    def tiny(self, **overrides: Any) -> tuple[nn.Module, Any]:
+        """Random weights: a 4-layer Whisper (128 mels, d 32) tapped after loop layers [0, 1, 2, 3], a 6-layer
+        Q-Former with 64 queries, a 2-layer Llama (d 64, llama3 rope scaling); the Llama-3.1 chat template.
+        Overrides: `whisper_config`, `llm_config` (dicts), `prompt_size`, `target_layer_ids`, `qformer_layers`."""
+        whisper, whisper_processor = tiny_whisper(n_mels=128, **overrides.pop("whisper_config", {}))
+        tokenizer = tiny_llama_tokenizer(LLAMA31_CHAT_TEMPLATE)
+        rope = {
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        }
+        llm = tiny_llama(tokenizer, **{"rope_parameters": rope, **overrides.pop("llm_config", {})})
+        settings = DestaSettings(
+            prompt_size=overrides.pop("prompt_size", 64),
+            target_layer_ids=tuple(overrides.pop("target_layer_ids", (0, 1, 2, 3))),
+            tap_convention="layer_loop",
+        )
+        connector = _connector(whisper.config, llm.config, settings, overrides.pop("qformer_layers", 6))
+        if overrides:
+            raise TypeError(f"desta2.5 tiny() got unknown overrides {sorted(overrides)}")
+        return Desta25Model(whisper, connector, llm, settings).eval(), DestaProcessor(whisper_processor, tokenizer)
+
+    def encode_prompt(
+        self, hf_model: nn.Module, processor: Any, audio: Float[np.ndarray, " samples"], prompt: str,
+        response_prefix: str, transcript: str | None = None, system_prompt: str = SYSTEM_PROMPT,
+    ) -> PortInputs:
+        """Tokens in the released layout; `transcript` (default: VAD + Whisper) and the system prompt are options."""
+        features = processor.features(audio)
+        if transcript is None:
+            transcript = self._transcribe(hf_model, processor, audio, features)
+        tokenizer = processor.tokenizer
+        transcript_ids = tokenizer.encode(transcript, add_special_tokens=False)
+        n_rows = hf_model.settings.prompt_size + len(transcript_ids)
+        messages = [
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": f"{AUDIO_LOCATOR}\n{prompt}"},
+        ]
+        context = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if context.count(AUDIO_LOCATOR) != 1:
+            raise InputError(f"desta2.5: the prompt or system prompt must not contain {AUDIO_LOCATOR!r}")
+        placeholder = hf_model.settings.placeholder_token
+        context = context.replace(AUDIO_LOCATOR, f"<start_audio>{placeholder * n_rows}<end_audio>")
+        ids = tokenizer(context + response_prefix, add_special_tokens=False)["input_ids"]
+        tokens = torch.tensor([ids])
+        audio_mask = tokens == tokenizer.convert_tokens_to_ids(placeholder)
+        if int(audio_mask.sum()) != n_rows:
+            raise InputError(f"desta2.5: expected {n_rows} {placeholder} rows, the tokenizer gave {int(audio_mask.sum())}")
+        last = int(audio_mask[0].nonzero().max()) + 1
+        return PortInputs(
+            tokens=tokens,
+            audio_features={"input_features": features},
+            audio_mask=audio_mask,
+            extras={
+                "transcript": transcript,
+                "transcript_ids": transcript_ids,
+                "transcript_positions": list(range(last - len(transcript_ids), last)),
+            },
+        )
+
+    def _transcribe(
+        self, hf_model: nn.Module, processor: Any, wave: Float[np.ndarray, " samples"], features: torch.Tensor
+    ) -> str:
+        if self.vad and not _has_speech(wave):
+            return " "
+        return processor.transcribe(hf_model.whisper, features, max_new_tokens=ASR_MAX_NEW_TOKENS).strip()
+
+    def audio_embeddings(
+        self, hf_model: nn.Module, features: dict[str, torch.Tensor], extras: dict[str, Any], hooks: AudioHooks
+    ) -> Float[torch.Tensor, "batch n_audio d_model"]:
+        ids = _transcript_ids(extras, features["input_features"].shape[0])
+        return hooks.hook_embeds(hf_model.audio_rows(features["input_features"], ids, hooks))
+
+    def hf_logits(self, hf_model: nn.Module, inputs: Any) -> Float[torch.Tensor, "batch pos vocab"]:
+        features = inputs.audio_features["input_features"]
+        ids = _transcript_ids(inputs.extras, features.shape[0])
+        return hf_model(inputs.tokens, inputs.audio_positions[0], features, ids)
+
+
+def _transcript_ids(extras: dict[str, Any], batch: int) -> Int[torch.Tensor, "batch T"]:
+    """The transcript ids as a batch: one list per input, or a list of lists after `LALMInput.stack`."""
+    ids = extras["transcript_ids"]
+    rows = ids if ids and isinstance(ids[0], list) else [ids] * batch
+    return torch.tensor(rows, dtype=torch.long).reshape(batch, -1)
+
+
+def _connector(whisper_config: Any, llm_config: Any, settings: DestaSettings, qformer_layers: int) -> QformerConnector:
+    return QformerConnector(
+        d_model=whisper_config.d_model, n_heads=whisper_config.encoder_attention_heads, n_layers=qformer_layers,
+        prompt_size=settings.prompt_size, n_taps=len(settings.target_layer_ids), llm_hidden_size=llm_config.hidden_size,
+    )
+
+
+def _connector_state(path: Any) -> dict[str, torch.Tensor]:
+    """The connector part of the released `model.safetensors`, prefix removed; other keys are an error."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for foreign files
+        raise CheckpointError(f"{path}: not a safetensors file ({exc})") from exc
+    foreign = sorted(k for k in state if not k.startswith(CONNECTOR_PREFIX))
+    if foreign:
+        raise CheckpointError(f"{path}: keys outside {CONNECTOR_PREFIX}* are not supported: {foreign[:6]}")
+    return {k[len(CONNECTOR_PREFIX) :]: v for k, v in state.items()}
+
+
+@cache
+def _silero_vad() -> tuple[Any, Any]:
+    """Silero VAD's model and `get_speech_timestamps`, loaded once (the package ships the weights)."""
+    try:
+        from silero_vad import get_speech_timestamps, load_silero_vad
+    except ImportError as exc:
+        raise ImportError(
+            "desta2.5 runs Silero VAD before transcribing, as released; install it with "
+            f"{SILERO_HINT}, or pass transcript=... to prepare, or use Desta25Port(vad=False)"
+        ) from exc
+    return load_silero_vad(), get_speech_timestamps
+
+
+def _has_speech(wave: Float[np.ndarray, " samples"]) -> bool:
+    """Whether Silero VAD (default thresholds, 16 kHz) finds any speech segment, the release's ASR gate."""
+    vad, speech_timestamps = _silero_vad()
+    return bool(speech_timestamps(torch.from_numpy(np.ascontiguousarray(wave)), vad))
