@@ -9,7 +9,7 @@
   rows.
 
 Ports that feed an ASR transcript next to the audio (DeSTA) see their transcript change with the audio. The
-`transcript` policy says which one the corrupted run reads: "clean" (the clean clip's transcript: only the audio
+`transcript_policy` says which one the corrupted run reads: "clean" (the clean clip's transcript: only the audio
 rows differ) or "corrupted" (the corrupted audio's own transcript; the sequences may then differ in length, and
 tracing aligns the text after the audio by its offset from the end).
 """
@@ -28,12 +28,12 @@ CORRUPTIONS = ("silence", "noise", "swap")
 TRANSCRIPT_POLICIES = ("clean", "corrupted")
 
 
-def _transcript_overrides(clean: LALMInput, transcript: str) -> dict[str, Any]:
-    if transcript not in TRANSCRIPT_POLICIES:
-        raise InputError(f"unknown transcript policy {transcript!r}; use one of {TRANSCRIPT_POLICIES}")
+def _transcript_overrides(clean: LALMInput, policy: str) -> dict[str, Any]:
+    if policy not in TRANSCRIPT_POLICIES:
+        raise InputError(f"unknown transcript policy {policy!r}; use one of {TRANSCRIPT_POLICIES}")
     if "transcript" not in clean.extras:
         return {}
-    return {"transcript": clean.extras["transcript"] if transcript == "clean" else None}
+    return {"transcript": clean.extras["transcript"] if policy == "clean" else None}
 
 
 def corrupt(
@@ -46,10 +46,10 @@ def corrupt(
     noise_scale: float = 3.0,
     noise_copies: int = 10,
     seed: int = 0,
-    transcript: str = "clean",
+    transcript_policy: str = "clean",
 ) -> LALMInput:
     """The corrupted twin of `clean` (whose waveform is `wave`), as one `LALMInput` batch."""
-    overrides = _transcript_overrides(clean, transcript)
+    overrides = _transcript_overrides(clean, transcript_policy)
     if corruption == "silence":
         return model.prepare_like(clean, np.zeros_like(wave), **overrides)
     if corruption == "swap":

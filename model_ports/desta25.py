@@ -8,7 +8,7 @@ Release behaviour reproduced (`kehanlu/DeSTA2.5-Audio: desta/models/modeling_des
 - transcript: Silero VAD first; no speech -> " ". Otherwise greedy Whisper ASR (at most 128 new tokens),
   special tokens skipped, stripped. `prepare(..., transcript="...")` passes one in instead and is used as
   given (the release would still force " " on a clip without speech: pass transcript=" " to reproduce that).
-  The VAD needs the optional `silero-vad` package (`pip install "audiolens-ct[desta]"`); `vad=False` skips it.
+  The VAD uses the `silero-vad` package (a dependency; it ships its weights); `vad=False` skips it.
 - prompt: the Llama-3.1 chat template (system turn with the date header) over system / user messages, the user
   turn `<|AUDIO|>\\n{question}`; `<|AUDIO|>` becomes `<start_audio>` + (64 + T) x `<|reserved_special_token_87|>`
   + `<end_audio>` (T = transcript tokens) and the text is tokenised without added special tokens (one BOS).
@@ -59,7 +59,7 @@ CONNECTOR_PREFIX = "perception.connector."
 SYSTEM_PROMPT = "Focus on the audio clips and instructions."
 AUDIO_LOCATOR = "<|AUDIO|>"
 ASR_MAX_NEW_TOKENS = 128
-SILERO_HINT = 'pip install "audiolens-ct[desta]"  (the silero-vad package)'
+SILERO_HINT = "pip install silero-vad"
 # The release's taps per Whisper model (`QformerConnector.__init__`), read as layer-loop indices.
 RELEASE_TARGET_LAYERS = {
     "openai/whisper-tiny": [0, 1, 2, 3],

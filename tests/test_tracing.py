@@ -183,3 +183,26 @@ def test_fast_engine_equals_reference_engine_on_other_ports(port):
         assert np.abs(fast.p_token - ref.p_token).max() <= 1e-6, (port, kind)
         assert np.abs(fast.p_layer - ref.p_layer).max() <= 1e-6, (port, kind)
         assert np.abs(fast.p_token - fast.p_corrupted).max() > 0, (port, kind)
+
+
+@pytest.mark.parametrize(("port", "policy"), [("desta2", "clean"), ("desta2.5", "corrupted")])
+def test_fast_engine_equals_reference_engine_on_desta(port, policy):
+    """DeSTA reads an ASR transcript; under the 'corrupted' policy silence gets its own, shorter, transcript."""
+    from audiolens_ct.testing import tiny_model
+
+    if policy == "corrupted":
+        pytest.importorskip("silero_vad")
+    model = act.HookedLALM.from_hf(*tiny_model(port), port=port)
+    cases = PORT_CASES[:2] if policy == "corrupted" else PORT_CASES[:3]  # a swap clip's ASR would be random text
+    for kind, window, corruption in cases:
+        common = dict(target="male", options=["male", "female"], kind=kind, window=window, corruption=corruption,
+                      noise_copies=2, swap_audio=tone(0.8, 700, seed=3), trace_excluded=True,
+                      transcript_policy=policy, transcript="hello world the speaker")
+        fast = act.trace(model, tone(0.8, 300), GENDER_PROMPT, GENDER_PREFIX, engine="fast", max_batch=2, **common)
+        ref = act.trace(model, tone(0.8, 300), GENDER_PROMPT, GENDER_PREFIX, engine="transformer_lens", **common)
+        assert np.abs(fast.p_token - ref.p_token).max() <= 1e-6, (port, kind)
+        assert np.abs(fast.p_layer - ref.p_layer).max() <= 1e-6, (port, kind)
+        assert fast.meta["transcript_policy"] == policy and fast.meta["clean_transcript"] == "hello world the speaker"
+        if policy == "corrupted" and corruption == "silence":
+            assert fast.meta["corrupted_transcript"] == " "
+            assert fast.meta["corrupted_length"] < fast.meta["clean_length"]

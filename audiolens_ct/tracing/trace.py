@@ -93,7 +93,7 @@ def trace(
     window: int = 1,
     sampling_rate: int | None = None,
     layer_positions: str = "after_audio",
-    transcript: str = "clean",
+    transcript_policy: str = "clean",
     swap_audio: Any = None,
     noise_scale: float = 3.0,
     noise_copies: int = 10,
@@ -116,10 +116,11 @@ def trace(
         kind: the activation restored: resid_pre (the paper's hidden state), resid_post, attn_out, mlp_out.
         window: restore `window` consecutive layers centred on each layer (ROME's option for attn/mlp).
         layer_positions: "after_audio" (paper) or "all_text" for layer-wise tracing.
-        transcript: for ports that read an ASR transcript: which one the corrupted run reads ("clean"/"corrupted").
+        transcript_policy: for ports that read an ASR transcript (DeSTA): which one the corrupted run reads, the
+            clean clip's ("clean") or the corrupted audio's own ("corrupted"; lengths may then differ).
         max_batch: the fast engine's memory bound (rows per pass).
         trace_excluded: also compute RR maps for excluded samples (as raw patched probabilities only).
-        prepare_kwargs: passed to `model.prepare` (e.g. `transcript=` for DeSTA).
+        prepare_kwargs: passed to `model.prepare` (e.g. `transcript="..."` to give DeSTA the clean transcript).
     """
     options = list(options)
     if target not in options:
@@ -139,7 +140,7 @@ def trace(
     corrupted = corrupt(
         model, clean, wave, corruption, swap_audio=None if swap_audio is None else as_waveform(
             swap_audio, sampling_rate, model.port.sampling_rate, model.port.name),
-        noise_scale=noise_scale, noise_copies=noise_copies, seed=seed, transcript=transcript,
+        noise_scale=noise_scale, noise_copies=noise_copies, seed=seed, transcript_policy=transcript_policy,
     )
     names = {get_act_name(kind, layer) for layer in range(model.cfg.n_layers)}
     with torch.no_grad():
@@ -178,7 +179,7 @@ def trace(
             engine=engine, modes=list(modes), layer_positions=layer_positions, seed=seed,
             noise_scale=noise_scale if corruption == "noise" else None,
             noise_copies=noise_copies if corruption == "noise" else None,
-            transcript_policy=transcript if "transcript" in clean.extras else None,
+            transcript_policy=transcript_policy if "transcript" in clean.extras else None,
             clean_transcript=clean.extras.get("transcript"), corrupted_transcript=corrupted.extras.get("transcript")
             if not isinstance(corrupted.extras.get("transcript"), list) else corrupted.extras["transcript"][0],
             clean_length=clean.shape[1], corrupted_length=corrupted.shape[1], versions=_versions(),

@@ -1,0 +1,203 @@
+"""Figures of aggregated sweeps (plotly): the paper's Figure 2 and Figure 3, for one run or several overlaid.
+
+- `layer_rr_figure`: layer-wise RR(l) curves, one panel per attribute, one line per run, 95% CI bands (Figure 2);
+- `token_rr_heatmap`: RR(l, i) over layer × position counted from the last token, segment boundaries marked
+  (Figure 3);
+- `segment_rr_figure`: token-wise RR averaged within each segment (early prompt, object tokens, late prompt,
+  last token), per layer, with CI bands.
+
+Every function returns a `plotly.graph_objects.Figure`. A CI band is a filled trace named "<line> 95% CI"; it is
+absent where the interval is (n = 1). `write_figures` writes interactive HTML, and PNG/SVG only where a static
+exporter (kaleido) is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.colors import DEFAULT_PLOTLY_COLORS, unlabel_rgb
+from plotly.subplots import make_subplots
+
+from audiolens_ct.aggregate import aggregate_run
+from audiolens_ct.inputs import SEGMENT_NAMES
+from audiolens_ct.store import safe_name
+
+SEGMENT_TITLES = {"early_prompt": "early prompt", "object": "object tokens", "late_prompt": "late prompt",
+                  "last": "last token"}  # fmt: skip
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
+
+
+@dataclass
+class Run:
+    """One output directory's aggregate, with the label its lines carry in overlaid figures."""
+
+    label: str
+    aggregate: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.aggregate["attributes"])
+
+
+def load_runs(out_dirs: Sequence[str | Path]) -> list[Run]:
+    """Aggregate each output directory's records (fresh, so a resumed run is never shown stale).
+
+    Lines are labelled by model name; runs of the same model add their directory name (and their place in
+    `out_dirs` if that is not enough).
+    """
+    aggregates = [aggregate_run(d, write=False) for d in out_dirs]
+    names = [Path(str(a["settings"].get("model", "run"))).name for a in aggregates]
+    labels = [n if names.count(n) == 1 else f"{n} ({Path(d).name})" for n, d in zip(names, out_dirs, strict=True)]
+    labels = [label if labels.count(label) == 1 else f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return [Run(label, agg, Path(d)) for label, agg, d in zip(labels, aggregates, out_dirs, strict=True)]
+
+
+def _attributes(runs: Sequence[Run]) -> list[str]:
+    return list(dict.fromkeys(a for run in runs for a in run.attributes))
+
+
+def _rgba(color: str, alpha: float) -> str:
+    r, g, b = unlabel_rgb(color)
+    return f"rgba({r:g}, {g:g}, {b:g}, {alpha})"
+
+
+def _add_curve(fig: go.Figure, stat: dict[str, Any], name: str, color: str, dash: str, col: int, legend: bool,
+               group: str) -> None:  # fmt: skip
+    """A mean line over layers, with its CI band where the interval exists."""
+    layers = list(range(len(stat["mean"])))
+    bounded = [i for i in layers if stat["low"][i] is not None]
+    if bounded:
+        fig.add_trace(
+            go.Scatter(
+                x=bounded + bounded[::-1], y=[stat["high"][i] for i in bounded] + [stat["low"][i] for i in bounded[::-1]],
+                fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0), name=f"{name} 95% CI",
+                legendgroup=group, showlegend=False, hoverinfo="skip",
+            ),  # fmt: skip
+            row=1, col=col,
+        )  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=layers, y=stat["mean"], mode="lines+markers", name=name, legendgroup=group, showlegend=legend,
+            line=dict(color=color, dash=dash), customdata=stat["n"],
+            hovertemplate=f"{name}<br>layer %{{x}}<br>RR %{{y:.3f}} (n=%{{customdata}})<extra></extra>",
+        ),  # fmt: skip
+        row=1, col=col,
+    )  # fmt: skip
+
+
+def _panels(attributes: Sequence[str], title: str) -> go.Figure:
+    fig = make_subplots(rows=1, cols=max(1, len(attributes)), subplot_titles=list(attributes), shared_yaxes=True)
+    fig.update_layout(title=title, template="plotly_white", hovermode="closest")
+    fig.update_xaxes(title_text="layer")
+    fig.update_yaxes(title_text="recovery rate", row=1, col=1)
+    return fig
+
+
+def layer_rr_figure(runs: Sequence[Run]) -> go.Figure:
+    """Figure 2: layer-wise RR(l) per attribute (one panel each), one line per run, 95% CI bands."""
+    attributes = _attributes(runs)
+    fig = _panels(attributes, "Layer-wise tracing: RR(l) when the text after the audio is restored at layer l")
+    for i, run in enumerate(runs):
+        color = DEFAULT_PLOTLY_COLORS[i % len(DEFAULT_PLOTLY_COLORS)]
+        shown = False
+        for col, attribute in enumerate(attributes, start=1):
+            stat = run.aggregate["attributes"].get(attribute, {}).get("layer_rr")
+            if stat is not None:
+                _add_curve(fig, stat, run.label, color, "solid", col, not shown, run.label)
+                shown = True
+    return fig
+
+
+def segment_rr_figure(runs: Sequence[Run], attributes: Sequence[str] | None = None) -> go.Figure:
+    """Token-wise RR averaged per segment, per layer: one panel per attribute, one line per (run, segment)."""
+    attributes = list(attributes) if attributes is not None else _attributes(runs)
+    fig = _panels(attributes, "Token-wise tracing by segment: mean RR(l, i) over each segment's positions")
+    for r, run in enumerate(runs):
+        for s, segment in enumerate(SEGMENT_NAMES):
+            name = SEGMENT_TITLES[segment] if len(runs) == 1 else f"{run.label} · {SEGMENT_TITLES[segment]}"
+            shown = False
+            for col, attribute in enumerate(attributes, start=1):
+                stat = run.aggregate["attributes"].get(attribute, {}).get("segment_rr", {}).get(segment)
+                if stat is not None:
+                    color = DEFAULT_PLOTLY_COLORS[s % len(DEFAULT_PLOTLY_COLORS)]
+                    _add_curve(fig, stat, name, color, DASHES[r % len(DASHES)], col, not shown, name)
+                    shown = True
+    return fig
+
+
+def _tick(token: str) -> str:
+    return token.replace("\n", "⏎").strip() or "␣"
+
+
+def token_rr_heatmap(run: Run, attribute: str) -> go.Figure:
+    """Figure 3: mean RR(l, i) over layer × position from the last token, with segment boundaries marked."""
+    token = run.aggregate["attributes"].get(attribute, {}).get("token_rr")
+    fig = go.Figure()
+    fig.update_layout(title=f"Token-wise tracing, {attribute} ({run.label}): mean RR(l, i)", template="plotly_white",
+                      xaxis_title="position (0 = last token)", yaxis_title="layer")  # fmt: skip
+    if token is None:
+        fig.add_annotation(text="no kept samples with token-wise tracing", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")  # fmt: skip
+        return fig
+    x = token["from_end"]
+    layers = list(range(len(token["mean"])))
+    text = [[f"{_tick(t)} · {s or '-'} · n={n}" for t, s, n in zip(token["tokens"], token["segments"], row, strict=True)]
+            for row in token["n"]]  # fmt: skip
+    fig.add_trace(
+        go.Heatmap(
+            z=token["mean"], x=x, y=layers, text=text, colorscale="RdBu_r", zmid=0, name=f"{run.label} RR",
+            colorbar=dict(title="RR"), hovertemplate="layer %{y}, position %{x}<br>%{text}<br>RR %{z:.3f}<extra></extra>",
+        )  # fmt: skip
+    )
+    fig.update_xaxes(tickmode="array", tickvals=x, ticktext=[_tick(t) for t in token["tokens"]], tickangle=-60)
+    spans: list[tuple[str | None, int, int]] = []
+    for j, segment in enumerate(token["segments"]):
+        if spans and spans[-1][0] == segment:
+            spans[-1] = (segment, spans[-1][1], j)
+        else:
+            spans.append((segment, j, j))
+    for k, (segment, first, last) in enumerate(spans):
+        if k > 0:
+            fig.add_vline(x=x[first] - 0.5, line=dict(color="black", width=2, dash="dash"))
+        if segment is not None:
+            fig.add_annotation(x=(x[first] + x[last]) / 2, y=1.02, xref="x", yref="paper", showarrow=False,
+                               text=SEGMENT_TITLES.get(segment, segment), yanchor="bottom")  # fmt: skip
+    return fig
+
+
+def static_export_available() -> bool:
+    """True when plotly can write PNG/SVG (the kaleido package is installed)."""
+    return importlib.util.find_spec("kaleido") is not None
+
+
+def figures(runs: Sequence[Run]) -> dict[str, go.Figure]:
+    """Every figure for these runs, keyed by a file stem."""
+    out = {"layer_rr": layer_rr_figure(runs), "segment_rr": segment_rr_figure(runs)}
+    for run in runs:
+        for attribute in run.attributes:
+            out[f"token_rr_{safe_name(run.label)}_{safe_name(attribute)}"] = token_rr_heatmap(run, attribute)
+    return out
+
+
+def write_figures(runs: Sequence[Run], out_dir: str | Path, static: Sequence[str] = ()) -> list[Path]:
+    """Write each figure as interactive HTML (plotly.min.js once beside them, so they open offline), and as
+    each format in `static` ("png", "svg") — which needs kaleido."""
+    if static and not static_export_available():
+        raise ImportError(f"writing {', '.join(static)} needs the kaleido package (pip install kaleido)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, fig in figures(runs).items():
+        path = out_dir / f"{stem}.html"
+        fig.write_html(path, include_plotlyjs="directory")
+        written.append(path)
+        for fmt in static:
+            written.append(out_dir / f"{stem}.{fmt}")
+            fig.write_image(written[-1])
+    return written

@@ -1,0 +1,224 @@
+"""`run_sweep`: trace many samples of one model into an output directory, resumably.
+
+Each sample ends as one record (`store.RunStore`): `kept` (RR maps), `excluded` (the paper's rule that dropped it),
+or `error` (why it could not be traced: a label outside the options, a missing or unreadable audio file, ...). A
+bad sample never stops the sweep and is never dropped silently. Re-running the same sweep skips every sample that
+has a kept or excluded record (for the same label), so a killed run loses at most the sample it was tracing; error
+records are redone (they cost nothing, and the data may have been fixed since).
+
+With `corruption="swap"`, each clip's corrupted run hears another clip of the same attribute with a different
+label (chosen by `seed` and the sample id, so the choice is stable across resumes), cut or zero-padded to the
+clean clip's length so the number of audio rows matches; the record names the partner in `swap_with`.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from audiolens_ct.audio import AudioLoadError
+from audiolens_ct.corruption import CORRUPTIONS, TRANSCRIPT_POLICIES
+from audiolens_ct.data.answers import answer_tokens
+from audiolens_ct.data.prompts import DataError
+from audiolens_ct.data.sample import Sample
+from audiolens_ct.inputs import InputError
+from audiolens_ct.store import RunStore
+from audiolens_ct.tracing.sweep import KINDS
+from audiolens_ct.tracing.trace import ENGINES, MODES, _versions, trace
+
+SAMPLE_ERRORS = (AudioLoadError, InputError, DataError)
+"""Problems of one sample's data: recorded in its error record. Anything else is a bug and stops the sweep."""
+
+
+@dataclass
+class SweepSummary:
+    """The outcome of a sweep's samples (`resumed`: traced by an earlier run and skipped)."""
+
+    out_dir: Path
+    total: int
+    kept: int
+    excluded: int
+    errors: int
+    resumed: int
+
+
+def sweep_settings(
+    model_name: str,
+    port: str,
+    dataset: Any = None,
+    corruption: str = "silence",
+    modes: Sequence[str] = MODES,
+    engine: str = "fast",
+    kind: str = "resid_pre",
+    window: int = 1,
+    seed: int = 0,
+    noise_scale: float = 3.0,
+    noise_copies: int = 10,
+    transcript_policy: str = "clean",
+) -> dict[str, Any]:
+    """The settings a run is identified by (checked on resume); unknown values raise `InputError` here."""
+    checks = (("corruption", corruption, CORRUPTIONS), ("engine", engine, ENGINES), ("kind", kind, KINDS),
+              ("transcript_policy", transcript_policy, TRANSCRIPT_POLICIES))  # fmt: skip
+    for name, value, allowed in checks:
+        if value not in allowed:
+            raise InputError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes or not modes:
+        raise InputError(f"unknown tracing modes {bad_modes or list(modes)}; use any of {', '.join(MODES)}")
+    if window < 1:
+        raise InputError(f"window must be >= 1, got {window}")
+    noisy = corruption == "noise"
+    if noisy and (noise_copies < 1 or noise_scale <= 0):
+        raise InputError(f"noise needs noise_copies >= 1 and noise_scale > 0, got {noise_copies} and {noise_scale}")
+    return dict(
+        model=model_name, port=port, dataset=dataset, corruption=corruption, engine=engine, kind=kind, window=window,
+        modes=[m for m in MODES if m in modes], seed=seed, noise_scale=noise_scale if noisy else None,
+        noise_copies=noise_copies if noisy else None, transcript_policy=transcript_policy,
+    )  # fmt: skip
+
+
+def prompts_of(samples: Sequence[Sample]) -> dict[str, list[dict[str, Any]]]:
+    """The question(s) asked per attribute, each distinct variant once, in order of appearance."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for s in samples:
+        variant = dict(prompt=s.prompt, response_prefix=s.response_prefix, options=list(s.options), object_text=s.object_text)
+        variants = out.setdefault(s.attribute, [])
+        if variant not in variants:
+            variants.append(variant)
+    return out
+
+
+def run_sweep(
+    model: Any,
+    samples: Sequence[Sample],
+    out_dir: str | Path,
+    *,
+    corruption: str = "silence",
+    modes: Sequence[str] = MODES,
+    engine: str = "fast",
+    kind: str = "resid_pre",
+    window: int = 1,
+    seed: int = 0,
+    noise_scale: float = 3.0,
+    noise_copies: int = 10,
+    transcript_policy: str = "clean",
+    max_batch: int = 64,
+    dataset: Any = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> SweepSummary:
+    """Trace every sample with `model` (a `HookedLALM`) into `out_dir`, skipping samples already traced there.
+
+    Args:
+        samples: from `load_sakura`, `load_sakura_hf` or `load_manifest`; ids must be unique per attribute.
+        corruption, modes, engine, kind, window, seed, noise_scale, noise_copies, transcript_policy, max_batch: as in
+            `audiolens_ct.trace`.
+        dataset: a JSON-ready description of the data source, kept in the manifest (and checked on resume).
+        command: the command line, kept in the manifest.
+        progress: show a tqdm bar (postfix: done, kept, excluded, errors). Each error is printed to stderr anyway.
+
+    Raises `store.RunMismatchError` when `out_dir` holds a run with other settings.
+    """
+    settings = sweep_settings(
+        model.model_name, model.port.name, dataset, corruption, modes, engine, kind, window, seed, noise_scale,
+        noise_copies, transcript_policy,
+    )
+    settings["dtype"] = str(next(model.hf_model.parameters()).dtype).removeprefix("torch.")
+    _check_unique(samples)
+    prompts = prompts_of(samples)
+    for variants in prompts.values():
+        for variant in variants:
+            answer_tokens(model.tokenizer, variant["options"])  # a clash of option tokens fails here, once
+    store = RunStore(out_dir)
+    store.open(settings, prompts, _versions(), command)
+
+    counts = {"kept": 0, "excluded": 0, "error": 0}
+    pending = []
+    for sample in samples:
+        record = store.read_record(sample.attribute, sample.id)
+        if record is None or record["status"] == "error" or record["label"] != sample.label:
+            pending.append(sample)
+        else:
+            counts[record["status"]] += 1
+    resumed = len(samples) - len(pending)
+    trace_kwargs = dict(corruption=corruption, modes=settings["modes"], engine=engine, kind=kind, window=window,
+                        seed=seed, noise_scale=noise_scale, noise_copies=noise_copies, transcript_policy=transcript_policy,
+                        max_batch=max_batch)  # fmt: skip
+    bar = tqdm(total=len(samples), initial=resumed, desc=f"tracing {Path(model.model_name).name}", unit="sample",
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    with bar:
+        bar.set_postfix(_postfix(counts, resumed))
+        for sample in pending:
+            record = _trace_sample(model, sample, samples, trace_kwargs)
+            store.write_record(record)
+            counts[record["status"]] += 1
+            if record["status"] == "error":
+                tqdm.write(f"error: {sample.attribute} {sample.id}: {record['error']}", file=sys.stderr)
+            bar.set_postfix(_postfix(counts, bar.n + 1), refresh=False)
+            bar.update(1)
+    return SweepSummary(Path(out_dir), len(samples), counts["kept"], counts["excluded"], counts["error"], resumed)
+
+
+def _postfix(counts: dict[str, int], done: int) -> dict[str, int]:
+    return {"done": done, "kept": counts["kept"], "excluded": counts["excluded"], "errors": counts["error"]}
+
+
+def _check_unique(samples: Sequence[Sample]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for s in samples:
+        if (s.attribute, s.id) in seen:
+            raise DataError(f"sample id {s.id!r} occurs twice in attribute {s.attribute!r}; ids must be unique")
+        seen.add((s.attribute, s.id))
+
+
+def _trace_sample(model: Any, sample: Sample, samples: Sequence[Sample], trace_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One sample's record; a data problem becomes an `error` record with its message."""
+    record: dict[str, Any] = dict(
+        sample_id=sample.id, attribute=sample.attribute, label=sample.label,
+        audio=str(sample.audio_path) if sample.audio_path is not None else None,
+        status="error", error=sample.error, swap_with=None, seconds=None, result=None,
+    )  # fmt: skip
+    if sample.error is not None:
+        return record
+    start = time.perf_counter()
+    rate = model.port.sampling_rate
+    try:
+        wave = sample.load(rate)
+        swap_audio = None
+        if trace_kwargs["corruption"] == "swap":
+            partner = swap_partner(sample, samples, trace_kwargs["seed"])
+            record["swap_with"] = partner.id
+            swap_audio = _fit_length(partner.load(rate), len(wave))
+        result = trace(
+            model, wave, sample.prompt, sample.response_prefix, target=sample.label, options=sample.options,
+            sampling_rate=rate, swap_audio=swap_audio, object_text=sample.object_text, **trace_kwargs,
+        )  # fmt: skip
+    except SAMPLE_ERRORS as exc:
+        record["error"] = str(exc)
+        return record
+    record.update(status="excluded" if result.excluded else "kept", seconds=round(time.perf_counter() - start, 3),
+                  result=result.to_dict())  # fmt: skip
+    return record
+
+
+def swap_partner(sample: Sample, samples: Sequence[Sample], seed: int) -> Sample:
+    """Another traceable clip of the same attribute with a different label, chosen by `seed` and the sample id."""
+    candidates = sorted(
+        (s for s in samples if s.attribute == sample.attribute and s.ok and s.label != sample.label), key=lambda s: s.id
+    )
+    if not candidates:
+        raise InputError(f"sample {sample.id}: no clip of another label in attribute {sample.attribute!r} to swap in")
+    return random.Random(f"{seed}:{sample.id}").choice(candidates)
+
+
+def _fit_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """Cut or zero-pad `wave` to `length` samples."""
+    return wave[:length] if len(wave) >= length else np.pad(wave, (0, length - len(wave)))

@@ -1,0 +1,257 @@
+"""The `audiolens-ct` command line: trace writes records, an aggregate and a report; a killed run resumes to the
+same result; bad input ends in one line and exit code 2."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import audiolens_ct as act
+from audiolens_ct import cli
+from audiolens_ct.data.answers import answer_tokens
+from audiolens_ct.data.prompts import TRACKS
+from audiolens_ct.plots import static_export_available
+from audiolens_ct.testing import tiny_model, tone
+
+ANIMAL = TRACKS["animal"]
+N_SAMPLES = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen2-audio")
+    hf_model, processor = tiny_model("qwen2-audio", seed=0)
+    hf_model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tiny_dir):
+    """Tones labelled so that this random model keeps two (clean right, silent wrong) and gets one wrong."""
+    model = act.HookedLALM.from_pretrained(str(tiny_dir))
+    ids = answer_tokens(model.tokenizer, ANIMAL.labels)
+
+    def probs(wave):
+        with torch.no_grad():
+            return model(model.prepare(wave, ANIMAL.prompt, ANIMAL.response_prefix))[0, -1].softmax(-1)
+
+    kept = []
+    for freq in (250, 400, 600, 900, 1300, 2000):
+        wave = tone(0.5, freq, seed=freq)
+        clean, silent = probs(wave), probs(np.zeros_like(wave))
+        label = max(ANIMAL.labels, key=lambda o: float(clean[ids[o]]))
+        if label != max(ANIMAL.labels, key=lambda o: float(silent[ids[o]])) and clean[ids[label]] > silent[ids[label]]:
+            kept.append((wave, label))
+    assert len(kept) >= 3, "the tiny model keeps too few tones for the fixture"
+    wrong = next(o for o in ANIMAL.labels if o != kept[2][1])
+    return {"kept": kept[:2], "wrong": (kept[2][0], wrong)}
+
+
+def write_sakura(root, layout, clips):
+    """Animal track: kept, corrupted wav, kept, missing file, label outside the options, wrongly labelled."""
+    folder = root / "Animal"
+    audio = folder / "audio" if layout == "github" else folder
+    audio.mkdir(parents=True)
+    (k1, l1), (k2, l2) = clips["kept"]
+    rows = [(k1, l1), (b"RIFF\x00\x00not a wav", l1), (k2, l2), (None, l1), (k2, "unicorn"), clips["wrong"]]
+    column = "file" if layout == "github" else "file_name"
+    with open(folder / "metadata.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[column, "attribute_label"])
+        writer.writeheader()
+        for i, (content, label) in enumerate(rows):
+            name = f"{i:04d}.wav"
+            if isinstance(content, bytes):
+                (audio / name).write_bytes(content)
+            elif content is not None:
+                sf.write(audio / name, content, 16000, subtype="PCM_16")
+            writer.writerow({column: name, "attribute_label": label})
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, clips):
+    root = tmp_path_factory.mktemp("sakura")
+    return {layout: write_sakura(root / layout, layout, clips) for layout in ("github", "audiofolder")}
+
+
+def trace_args(model, source, out, *extra):
+    return ["trace", str(model), *([] if source is None else [str(source)]), "--out", str(out),
+            "--modes", "layer", "token", "--no-progress", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, data, tmp_path_factory):
+    """An uninterrupted run over the GitHub layout, in process."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    assert cli.main(trace_args(tiny_dir, data["github"], out)) == 0
+    return out
+
+
+def record_names(out):
+    return sorted(p.relative_to(out).as_posix() for p in (out / "records").glob("*/*.json"))
+
+
+def assert_same(a, b, path="aggregate"):
+    """Equal JSON trees, numbers to 1e-9."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, abs=1e-9), path
+    else:
+        assert a == b, path
+
+
+def test_killed_trace_resumes_to_the_same_aggregate_as_an_uninterrupted_run(tiny_dir, data, reference, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "audiolens_ct.cli", *trace_args(tiny_dir, data["github"], out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 240
+        while not list((out / "records").glob("*/*.json")):
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+            assert time.monotonic() < deadline, "no record appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = len(record_names(out))
+    assert 1 <= before < N_SAMPLES and not (out / "aggregate.json").exists()  # killed mid-run
+    traced = sum(json.loads(p.read_text())["status"] != "error" for p in (out / "records").glob("*/*.json"))
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "error: animal Animal/0003.wav: " in resumed.stderr and "no such audio file" in resumed.stderr
+    assert f"{N_SAMPLES} samples: 2 kept, 1 excluded, 3 errors ({traced} from an earlier run)" in resumed.stdout
+    assert record_names(out) == record_names(reference) and len(record_names(out)) == N_SAMPLES
+    assert not list(out.rglob("*.tmp"))
+    aggregate = json.loads((out / "aggregate.json").read_text())
+    assert_same(json.loads((reference / "aggregate.json").read_text()), aggregate)
+    animal = aggregate["attributes"]["animal"]
+    assert animal["counts"] == {"samples": 6, "kept": 2, "excluded": {"clean_wrong": 1}, "errors": 3}
+    assert len(animal["layer_rr"]["mean"]) == 3 and animal["token_rr"]["from_end"][-1] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["invocations"]) == 2 and manifest["settings"]["modes"] == ["layer", "token"]
+    page = (out / "report.html").read_text()
+    assert "<td>animal</td><td>6</td><td>2</td><td>1</td>" in page and page.count("Plotly.newPlot") == 3
+
+
+def test_errors_are_recorded_with_their_reason(reference):
+    errors = json.loads((reference / "aggregate.json").read_text())["attributes"]["animal"]["errors"]
+    reasons = {e["sample_id"]: e["error"] for e in errors}
+    assert "not a readable audio file" in reasons["Animal/0001.wav"]
+    assert "no such audio file" in reasons["Animal/0003.wav"]
+    assert "'unicorn' is not among the options of track 'animal'" in reasons["Animal/0004.wav"]
+    assert all(message in (reference / "report.html").read_text() for message in ("no such audio file", "unicorn"))
+
+
+def test_audiofolder_layout_and_a_manifest_trace_the_same_clips(tiny_dir, data, reference, tmp_path):
+    out = tmp_path / "audiofolder"
+    assert cli.main(trace_args(tiny_dir, data["audiofolder"], out)) == 0
+    ours = json.loads((out / "aggregate.json").read_text())["attributes"]["animal"]
+    theirs = json.loads((reference / "aggregate.json").read_text())["attributes"]["animal"]
+    for key in ("counts", "layer_rr", "segment_rr", "token_rr"):
+        assert_same(theirs[key], ours[key], key)
+
+    root = data["github"]
+    kept_label = next(csv.DictReader((root / "Animal" / "metadata.csv").read_text().splitlines()))["attribute_label"]
+    with open(root / "clips.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "audio", "attribute", "label"])
+        writer.writerows([
+            ["good", "Animal/audio/0000.wav", "animal", kept_label],
+            ["broken", "Animal/audio/0001.wav", "animal", kept_label],
+            ["missing", "Animal/audio/0003.wav", "animal", kept_label],
+            ["unicorn", "Animal/audio/0000.wav", "animal", "unicorn"],
+        ])  # fmt: skip
+    out = tmp_path / "manifest"
+    assert cli.main(trace_args(tiny_dir, None, out, "--manifest", str(root / "clips.csv"), "--attributes", "animal")) == 0
+    animal = json.loads((out / "aggregate.json").read_text())["attributes"]["animal"]
+    assert animal["counts"] == {"samples": 4, "kept": 1, "excluded": {}, "errors": 3}
+    assert sorted(e["sample_id"] for e in animal["errors"]) == ["broken", "missing", "unicorn"]
+    good = json.loads(next((out / "records").glob("*/good-*.json")).read_text())["result"]
+    first = json.loads(next((reference / "records").glob("*/Animal_0000.wav-*.json")).read_text())["result"]
+    assert np.abs(np.subtract(good["layer_rr"], first["layer_rr"])).max() <= 1e-9
+
+
+def test_bad_input_ends_in_one_line_and_exit_code_2(tiny_dir, data, tmp_path, capsys):
+    bad_manifest = tmp_path / "bad.jsonl"
+    bad_manifest.write_text('{"audio": "a.wav", "attribute": "gender", "label": "male"}\n{not json\n')
+    out = tmp_path / "out"
+    cases = [
+        (trace_args(tmp_path / "no-model", data["github"], out), "no such checkpoint directory"),
+        (trace_args(tiny_dir, tmp_path / "no-data", out), "SAKURA folder not found"),
+        (trace_args(tiny_dir, data["github"], out, "--attributes", "colour"), "unknown attribute 'colour'"),
+        (trace_args(tiny_dir, None, out, "--manifest", str(bad_manifest)), "bad.jsonl:2: not valid JSON"),
+        (trace_args(tiny_dir, None, out), "either a SAKURA data folder or --manifest"),
+        (trace_args(tiny_dir, data["github"], out, "--port", "qwen3-audio"), "unknown port 'qwen3-audio'"),
+        (trace_args(tiny_dir, data["github"], out, "--window", "0"), "window must be >= 1"),
+        (["plot", str(tmp_path)], "not an audiolens-ct output directory"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("audiolens-ct: error: ") and message in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_other_settings_into_the_same_directory_are_refused(tiny_dir, data, reference, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (reference / "records").glob("*/*.json")}
+    assert cli.main(trace_args(tiny_dir, data["github"], reference, "--corruption", "noise")) == 2
+    err = capsys.readouterr().err
+    assert "corruption: 'silence' here, 'noise' asked" in err and err.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in (reference / "records").glob("*/*.json")} == before
+
+
+def test_plot_overlays_runs_and_report_rewrites_the_page(reference, tmp_path, capsys):
+    assert cli.main(["plot", str(reference), str(reference), "--out", str(tmp_path / "figures")]) == 0
+    written = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert written == ["layer_rr.html", "plotly.min.js", "segment_rr.html", "token_rr_tiny-qwen2-audio0_reference_1_animal.html",
+                       "token_rr_tiny-qwen2-audio0_reference_2_animal.html"]  # fmt: skip
+    layer = (tmp_path / "figures" / "layer_rr.html").read_text()
+    assert "tiny-qwen2-audio0 (reference) #1 95% CI" in layer and "tiny-qwen2-audio0 (reference) #2" in layer
+    if not static_export_available():
+        assert cli.main(["plot", str(reference), "--static", "png"]) == 2
+        assert "needs the kaleido package" in capsys.readouterr().err
+    (reference / "report.html").unlink()
+    assert cli.main(["report", str(reference)]) == 0
+    assert (reference / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
+
+
+def test_demo_runs_when_present_and_says_so_when_not(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "audiolens_ct.demo", None)
+    assert cli.main(["demo"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+    calls = []
+    fake = types.ModuleType("audiolens_ct.demo")
+    fake.run_demo = lambda out: calls.append(out) or out / "report.html"
+    monkeypatch.setitem(sys.modules, "audiolens_ct.demo", fake)
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert calls == [tmp_path] and str(tmp_path / "report.html") in capsys.readouterr().out
+
+
+def test_help_explains_every_trace_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["trace", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--port", "--manifest", "--attributes", "--corruption", "--modes", "--engine", "--kind", "--window",
+                   "--device", "--dtype", "--out", "--limit", "--seed", "--max-batch"):  # fmt: skip
+        assert option in text
+    assert "(default: resid_pre)" in text
