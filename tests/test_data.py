@@ -97,13 +97,17 @@ def test_custom_tracks_keep_the_option_list_findable_in_the_prompt():
 
     with pytest.raises(DataError, match=r"option list 'male, female' does not occur in the prompt"):
         make_track("gender", prompt="Who is speaking?")
-    with pytest.raises(DataError, match=r"'speed' is not one of the paper's tracks .* give labels, response_prefix"):
+    with pytest.raises(
+        DataError, match=r"'speed' is not one of the paper's tracks .* give labels, response_prefix"
+    ):
         make_track("speed", prompt="Fast or slow?")
     with pytest.raises(DataError, match="ends in whitespace"):
         make_track("gender", response_prefix="The speaker's gender is ")
     with pytest.raises(DataError, match="labels repeat"):
         make_track("gender", labels=("male", "Male"))
-    with pytest.raises(DataError, match="unknown attribute 'colour'; the tracks are animal, emotion, gender, language"):
+    with pytest.raises(
+        DataError, match="unknown attribute 'colour'; the tracks are animal, emotion, gender, language"
+    ):
         get_track("colour")
 
 
@@ -126,7 +130,9 @@ def test_github_layout_reads_every_track_with_audiolens_questions(synthetic_gith
 
 
 def test_audiofolder_layout_gives_the_same_samples_as_the_github_layout(synthetic_github, tmp_path):
-    root = write_synthetic_sakura(tmp_path, n_per_label=1, seed=3, layout="audiofolder", attributes=["gender"])
+    root = write_synthetic_sakura(
+        tmp_path, n_per_label=1, seed=3, layout="audiofolder", attributes=["gender"]
+    )
     assert (root / "Gender" / "0000.wav").is_file() and not (root / "Gender" / "audio").exists()
     folder = load_sakura(root)
     github = load_sakura(synthetic_github, attributes="gender")
@@ -157,23 +163,31 @@ def test_labels_are_normalised_and_unknown_labels_are_flagged_not_dropped(tmp_pa
     assert (a.label, b.label, a.error, b.error) == ("English", "Korean", None, None)
     assert b.audio_path == track_dir / "audio" / "b.wav" and c.id == "Language/c.wav"
     assert c.label == "Klingon" and not c.ok
-    assert c.error.startswith("label 'Klingon' is not among the options of track 'language' (English, German,")
+    assert c.error.startswith(
+        "label 'Klingon' is not among the options of track 'language' (English, German,"
+    )
 
 
 def test_sakura_errors_name_the_path_column_or_attribute(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'}: SAKURA folder not found"):
         load_sakura(tmp_path / "nowhere")
-    with pytest.raises(DataError, match="holds none of the SAKURA track folders Animal, Emotion, Gender, Language"):
+    with pytest.raises(
+        DataError, match="holds none of the SAKURA track folders Animal, Emotion, Gender, Language"
+    ):
         load_sakura(tmp_path)
     (tmp_path / "Gender").mkdir()
     with pytest.raises(DataError, match=f"{tmp_path / 'Gender' / 'metadata.csv'}: metadata file not found"):
         load_sakura(tmp_path)
     with pytest.raises(DataError, match=f"{tmp_path / 'Animal'}: track folder not found"):
         load_sakura(tmp_path, attributes=["animal"])
-    with pytest.raises(DataError, match="unknown attribute 'accent'; the tracks are animal, emotion, gender, language"):
+    with pytest.raises(
+        DataError, match="unknown attribute 'accent'; the tracks are animal, emotion, gender, language"
+    ):
         load_sakura(tmp_path, attributes=["accent"])
     _write_csv(tmp_path / "Gender" / "metadata.csv", [{"file": "x.wav", "label": "male"}])
-    with pytest.raises(DataError, match=r"metadata.csv: no 'attribute_label' column; columns: \['file', 'label'\]"):
+    with pytest.raises(
+        DataError, match=r"metadata.csv: no 'attribute_label' column; columns: \['file', 'label'\]"
+    ):
         load_sakura(tmp_path)
 
 
@@ -196,7 +210,7 @@ def test_missing_audio_is_recorded_and_corrupt_audio_fails_on_load_naming_the_fi
 
 
 def test_hf_dataset_with_audio_feature_is_read_without_torchcodec(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     paths = [_write_wav(tmp_path / f"{i}.wav", _tone(1.0, 200 + 100 * i)) for i in range(3)]
     ds = datasets.Dataset.from_dict(
@@ -213,14 +227,17 @@ def test_hf_dataset_with_audio_feature_is_read_without_torchcodec(tmp_path):
 
 
 def test_hf_dataset_with_decoded_arrays_and_class_labels_resamples_in_load():
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     wave = _tone(0.5, 440, rate=22050)
     ds = datasets.Dataset.from_dict(
         {"audio": [{"array": wave, "sampling_rate": 22050}], "label": [1]},
         features=datasets.Features(
             {
-                "audio": {"array": datasets.Sequence(datasets.Value("float32")), "sampling_rate": datasets.Value("int64")},
+                "audio": {
+                    "array": datasets.Sequence(datasets.Value("float32")),
+                    "sampling_rate": datasets.Value("int64"),
+                },
                 "label": datasets.ClassLabel(names=["English", "German"]),
             }
         ),
@@ -233,7 +250,7 @@ def test_hf_dataset_with_decoded_arrays_and_class_labels_resamples_in_load():
 
 
 def test_hf_dataset_errors_name_the_missing_column_and_bad_bytes_are_flagged():
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     with pytest.raises(DataError, match=r"has no 'audio' column; columns: \['path', 'attribute_label'\]"):
         load_sakura_hf(datasets.Dataset.from_dict({"path": ["a.wav"], "attribute_label": ["male"]}), "gender")
@@ -267,9 +284,18 @@ def test_csv_manifest_with_defaults_custom_options_and_absolute_paths(tmp_path):
         ],
     )
     a, b = load_manifest(manifest)
-    assert (a.id, a.label, a.prompt, a.options) == ("clips/a.wav", "female", TRACKS["gender"].prompt, ("male", "female"))
+    assert (a.id, a.label, a.prompt, a.options) == (
+        "clips/a.wav",
+        "female",
+        TRACKS["gender"].prompt,
+        ("male", "female"),
+    )
     assert a.audio_path == tmp_path / "clips" / "a.wav" and a.ok
-    assert (b.options, b.object_text, b.response_prefix) == (("happy", "sad"), "happy, sad", "The speaker's emotion is")
+    assert (b.options, b.object_text, b.response_prefix) == (
+        ("happy", "sad"),
+        "happy, sad",
+        "The speaker's emotion is",
+    )
     np.testing.assert_allclose(b.load(RATE), _tone(1.0, 330), atol=1e-4)
 
 
@@ -284,7 +310,12 @@ def test_jsonl_manifest_with_a_new_attribute_and_recorded_problems(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     speed, missing, wolf = load_manifest(manifest)
-    assert (speed.id, speed.attribute, speed.label, speed.object_text) == ("fast-1", "speed", "fast", "fast or slow")
+    assert (speed.id, speed.attribute, speed.label, speed.object_text) == (
+        "fast-1",
+        "speed",
+        "fast",
+        "fast or slow",
+    )
     assert missing.error == f"{tmp_path / 'missing.wav'}: no such audio file"
     assert wolf.error.startswith("label 'wolf' is not among the options of track 'animal' (dog, cat, pig,")
     assert wolf.label == "wolf" and wolf.load(RATE).shape == (RATE,)

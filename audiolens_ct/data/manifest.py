@@ -63,9 +63,10 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise DataError(f"{path}:{reader.line_num}: more fields than the header has columns")
                 if any(value is None for value in row.values()):
                     raise DataError(f"{path}:{reader.line_num}: fewer fields than the header has columns")
+                row = {key.strip(): value for key, value in row.items()}
                 options = (row.get("options") or "").strip()
                 row["options"] = _split_options(options) if options else None
-                yield reader.line_num, {key.strip(): value for key, value in row.items()}
+                yield reader.line_num, row
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from exc
 
@@ -100,7 +101,11 @@ def _sample(row: dict[str, Any], path: Path, line: int) -> Sample:
     for column, value in (("audio", audio), ("attribute", row.get("attribute")), ("label", row.get("label"))):
         if value is None or not str(value).strip():
             raise DataError(f"{where}: no value in column {column!r}")
-    custom = {c: row[c] for c in ("prompt", "options", "response_prefix", "object_text") if row.get(c) not in (None, "")}
+    custom = {
+        c: row[c]
+        for c in ("prompt", "options", "response_prefix", "object_text")
+        if row.get(c) not in (None, "")
+    }
     try:
         track = make_track(
             str(row["attribute"]).strip(),

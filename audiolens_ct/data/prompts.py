@@ -72,7 +72,9 @@ class Track:
 
 
 def _audiolens(attribute: str, question: str, labels: Sequence[str], response_prefix: str) -> Track:
-    return Track(attribute, tuple(labels), f"{question} Possible options: {', '.join(labels)}.", response_prefix)
+    return Track(
+        attribute, tuple(labels), f"{question} Possible options: {', '.join(labels)}.", response_prefix
+    )
 
 
 TRACKS: dict[str, Track] = {

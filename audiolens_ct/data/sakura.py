@@ -49,9 +49,13 @@ def load_sakura(
     if attributes is None:
         wanted = [a for a in ATTRIBUTES if (base / TRACK_FOLDERS[a]).is_dir()]
         if not wanted:
-            raise DataError(f"{root}: holds none of the SAKURA track folders {', '.join(TRACK_FOLDERS.values())}")
+            raise DataError(
+                f"{root}: holds none of the SAKURA track folders {', '.join(TRACK_FOLDERS.values())}"
+            )
     else:
-        wanted = [get_track(a).attribute for a in ([attributes] if isinstance(attributes, str) else attributes)]
+        wanted = [
+            get_track(a).attribute for a in ([attributes] if isinstance(attributes, str) else attributes)
+        ]
     samples: list[Sample] = []
     for attribute in wanted:
         samples += _read_track(base / TRACK_FOLDERS[attribute], get_track(attribute), limit)
@@ -63,7 +67,9 @@ def _read_track(folder: Path, track: Track, limit: int | None) -> list[Sample]:
         raise DataError(f"{folder}: track folder not found")
     meta = folder / "metadata.csv"
     if not meta.is_file():
-        raise DataError(f"{meta}: metadata file not found (both SAKURA layouts keep one in each track folder)")
+        raise DataError(
+            f"{meta}: metadata file not found (both SAKURA layouts keep one in each track folder)"
+        )
     with open(meta, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
@@ -138,7 +144,9 @@ def load_sakura_hf(dataset: Any, attribute: str, limit: int | None = None) -> li
         file = row.get("file") or row.get("file_name") or (path.name if path is not None else None)
         sample_id = f"{folder}/{_relative_to_audio_dir(file, folder)}" if file else f"{folder}/{index}"
         samples.append(
-            make_sample(track, sample_id, label, audio_path=path, waveform=wave, waveform_rate=rate, error=error)
+            make_sample(
+                track, sample_id, label, audio_path=path, waveform=wave, waveform_rate=rate, error=error
+            )
         )
     return samples
 

@@ -23,13 +23,13 @@ class Sample:
     """One clip with its question.
 
     Attributes:
-        id: stable name of the sample, e.g. "Gender/audio/f_001.wav" (relative to the data root).
+        id: stable name of the sample, e.g. "Gender/f_001.wav" for SAKURA or the audio path of a manifest row.
         attribute: the track ("gender", ...).
         label: the correct option, in the track's spelling when it is one of the options.
         prompt, response_prefix, options, object_text: the question, as in `Track`; pass them to
             `HookedLALM.prepare(..., options=..., object_text=...)`.
         audio_path: the audio file, or None when the audio is held in memory.
-        waveform: the audio in memory (mono, or channels × samples), at `waveform_rate` Hz.
+        waveform: the audio in memory at `waveform_rate` Hz: mono, or 2-D with channels on the shorter axis.
         error: why this sample cannot be traced (label outside the options, missing audio), or None.
     """
 
@@ -60,7 +60,9 @@ class Sample:
         if wave.ndim == 2:
             wave = wave.mean(axis=int(np.argmin(wave.shape)))
         if wave.ndim != 1 or wave.size == 0:
-            raise AudioLoadError(f"sample {self.id}: the waveform has shape {wave.shape}, expected a 1-D clip")
+            raise AudioLoadError(
+                f"sample {self.id}: the waveform has shape {wave.shape}, expected a 1-D clip"
+            )
         if self.waveform_rate != sampling_rate:
             import librosa
 

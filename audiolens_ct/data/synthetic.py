@@ -13,17 +13,19 @@ resonances, a spectral tilt and noise bands. What distinguishes the classes:
 - language: vowel inventory and articulatory setting (formant shifts, tilt), consonant noise bands, syllable rate
   and timing regularity, and pitch pattern (lexical tones, pitch accent, phrase-final rises).
 
-Every clip draws its own speaker (sex, pitch, vocal-tract length), duration (1-5 s), timing, pitch jitter,
-level and background noise, so classes overlap a little: a nearest-centroid classifier on mean log-mel spectra
-gets most but not all held-out clips right. Clips are 16 kHz mono float32; `write_synthetic_sakura` writes them in
-the SAKURA on-disk layout for `load_sakura`.
+Every clip draws its own speaker (sex, pitch, vocal-tract length), duration (1-5 s, independent of the class),
+timing, pitch jitter, spectral tilt, level and background noise, so classes overlap a little. Measured on held-out
+clips (tests/test_synthetic.py, three seeds): a linear probe on per-clip log-mel statistics gets 90-99% per
+track, while the best single statistic gets 41-60% (language, animal), 72-75% (emotion) and 86-94% (gender,
+where pitch nearly decides, as in real speech). Clips are 16 kHz mono float32 and take about 10-20 ms each to
+make; `write_synthetic_sakura` writes them in the SAKURA on-disk layout for `load_sakura`.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,8 @@ SAMPLING_RATE = 16000
 MIN_SECONDS, MAX_SECONDS = 1.0, 5.0
 _N_FFT, _HOP = 512, 128
 _FREQS = np.fft.rfftfreq(_N_FFT, 1 / SAMPLING_RATE)
-_WINDOW = np.sqrt(np.hanning(_N_FFT + 1)[:-1]).astype(np.float32)  # periodic sqrt-Hann: analysis x synthesis sums to 2 at hop N/4
+# periodic sqrt-Hann: analysis window x synthesis window = Hann, whose copies at hop N/4 sum to 2
+_WINDOW = np.sqrt(np.hanning(_N_FFT + 1)[:-1]).astype(np.float32)
 _FREQS_F = np.maximum(_FREQS, 60.0).astype(np.float32)  # floor for the tilt and resonance formulas
 _PINK = 1 / np.sqrt(_FREQS_F / 500.0)
 
@@ -105,7 +108,9 @@ class _Score:
         sets = np.atleast_2d(np.asarray(list(formants), dtype=float))
         k = frames.stop - frames.start
         grid = np.linspace(0, 1, len(sets))
-        self.formants[frames] = np.stack([np.interp(np.linspace(0, 1, k), grid, sets[:, j]) for j in range(4)], 1)
+        self.formants[frames] = np.stack(
+            [np.interp(np.linspace(0, 1, k), grid, sets[:, j]) for j in range(4)], 1
+        )
         self.bandwidths[frames] = np.asarray(list(bandwidths), dtype=float)
         self.breath[frames] = breath * amp
 
@@ -130,9 +135,11 @@ class _Score:
         tract = (1.0 / (1 + ((_FREQS_F - fmt) / half_bw) ** 2)).sum(1) + 0.02
         voiced_filter = tract * (_FREQS_F / 500.0) ** np.float32(self.tilt / 6.02)
         centre, width = self.band[:frames, :1].astype(np.float32), self.band[:frames, 1:].astype(np.float32)
-        noise_filter = self.breath[:frames, None].astype(np.float32) * voiced_filter + self.hiss[
-            :frames, None
-        ].astype(np.float32) * np.exp(-0.5 * ((_FREQS_F - centre) / width) ** 2)
+        breath, hiss = (
+            self.breath[:frames, None].astype(np.float32),
+            self.hiss[:frames, None].astype(np.float32),
+        )
+        noise_filter = breath * voiced_filter + hiss * np.exp(-0.5 * ((_FREQS_F - centre) / width) ** 2)
         # complex white noise, about as loud per bin as a unit sawtooth
         white = rng.standard_normal((frames, len(_FREQS), 2), dtype=np.float32).view(np.complex64)[..., 0] * 8
         spec = spec * voiced_filter + white * noise_filter
@@ -186,8 +193,8 @@ class _Speaker:
 def _speaker(rng: np.random.Generator, sex: str | None = None) -> _Speaker:
     sex = sex or ("male", "female")[rng.integers(2)]
     if sex == "male":
-        return _Speaker(118.0 * np.exp(rng.normal(0, 0.13)), np.exp(rng.normal(0, 0.04)))
-    return _Speaker(205.0 * np.exp(rng.normal(0, 0.12)), 1.16 * np.exp(rng.normal(0, 0.04)))
+        return _Speaker(120.0 * np.exp(rng.normal(0, 0.15)), np.exp(rng.normal(0, 0.05)))
+    return _Speaker(200.0 * np.exp(rng.normal(0, 0.14)), 1.15 * np.exp(rng.normal(0, 0.05)))
 
 
 # F1, F2, F3 of an adult male voice (Hz)
@@ -199,7 +206,7 @@ _VOWELS = {
     "ea": (480, 1100, 2400),
 }  # fmt: skip
 
-# kind, band centre (Hz), band width (Hz), seconds, amplitude
+# kind, band centre (Hz; F2 for the voiced kinds nasal/liquid/trill), band width (Hz), seconds, amplitude
 _CONSONANTS = {
     "s": ("noise", 6200, 1100, 0.085, 0.5), "sh": ("noise", 3300, 800, 0.09, 0.6),
     "x": ("noise", 1900, 700, 0.08, 0.45), "f": ("noise", 5000, 2500, 0.07, 0.2),
@@ -406,17 +413,18 @@ def _speech(score: _Score, rng: np.random.Generator, speaker: _Speaker, style: _
 
 def _varied(style: _Style, rng: np.random.Generator, **changes: object) -> _Style:
     """`style` with `changes`, and a little random variation in rate, pitch range and voice quality."""
-    fields = {**style.__dict__, **changes}
-    fields["rate"] *= np.exp(rng.normal(0, 0.08))
-    fields["pitch_range"] *= np.exp(rng.normal(0, 0.15))
-    fields["tilt"] += rng.normal(0, 1.0)
-    fields["breath"] *= np.exp(rng.normal(0, 0.2))
-    return _Style(**fields)
+    style = replace(style, **changes)
+    return replace(
+        style,
+        rate=style.rate * np.exp(rng.normal(0, 0.08)),
+        pitch_range=style.pitch_range * np.exp(rng.normal(0, 0.15)),
+        tilt=style.tilt + rng.normal(0, 1.5),
+        breath=style.breath * np.exp(rng.normal(0, 0.2)),
+    )
 
 
 def _gender_clip(score: _Score, rng: np.random.Generator, label: str) -> tuple[float, float]:
-    style = _LANGUAGES[list(_LANGUAGES)[rng.integers(len(_LANGUAGES))]]
-    style = _varied(style, rng)
+    style = _varied(_NEUTRAL, rng)
     score.tilt = style.tilt
     _speech(score, rng, _speaker(rng, label), style)
     return style.roughness, style.level_db
@@ -437,139 +445,179 @@ def _language_clip(score: _Score, rng: np.random.Generator, label: str) -> tuple
 
 
 # -- animals -------------------------------------------------------------------------------------------------------
+# Each animal repeats its call until the clip is full. `f` is the animal's own pitch and `fmt(...)` scales formants
+# by its size; both are drawn per clip. A call function writes one call (or group) at `t` and returns its end.
 
 
-def _calls(score: _Score, rng: np.random.Generator, call: Callable[[float], float], gap: tuple[float, float]) -> None:
+def _calls(
+    score: _Score, rng: np.random.Generator, call: Callable[[float], float], gap: tuple[float, float]
+) -> None:
     """Repeat `call(t) -> end` from a random start until the clip is full, with random gaps."""
     t = rng.uniform(0.02, 0.3)
     while t < score.seconds - 0.1:
         t = call(t) + rng.uniform(*gap)
 
 
+_Formants = Callable[..., np.ndarray]
+
+
+def _dog(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """Groups of short, noisy barks that jump up in pitch and fall."""
+    f, u = 550 * np.exp(rng.normal(0, 0.15)), rng.uniform
+
+    def barks(t: float) -> float:
+        for _ in range(rng.integers(1, 4)):
+            d = u(0.08, 0.18)
+            score.tone(t, t + d, [0.9 * f, 1.15 * f, 0.7 * f], fmt(650, 1500, 2600, 3600), u(0.7, 1),
+                       bandwidths=(200, 250, 300, 400), attack=0.005, release=0.04, breath=0.8)  # fmt: skip
+            t += d + u(0.08, 0.2)
+        return t
+
+    _calls(score, rng, barks, (0.2, 0.7))
+    return -6.0, 0.5
+
+
+def _cat(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """Long tonal meows: pitch arches, formants glide i -> a -> u."""
+    f, u = 620 * np.exp(rng.normal(0, 0.12)), rng.uniform
+
+    def meow(t: float) -> float:
+        d = u(0.45, 1.0)
+        glide = [fmt(400, 2100, 3000, 4000), fmt(900, 1500, 2800, 4000), fmt(600, 1100, 2700, 3900)]
+        score.tone(t, t + d, [0.85 * f, 1.15 * f, 1.05 * f, 0.7 * f], glide, breath=0.1, release=0.1)
+        return t + d
+
+    _calls(score, rng, meow, (0.3, 1.0))
+    return -7.0, 0.1
+
+
+def _pig(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """Low, rough, nasal grunts in quick succession, pulsing at 35-55 Hz."""
+    f, u = 130 * np.exp(rng.normal(0, 0.15)), rng.uniform
+
+    def grunt(t: float) -> float:
+        d = u(0.12, 0.3)
+        score.tone(t, t + d, [f, 0.85 * f], fmt(350, 1000, 2300, 3300), am=(u(35, 55), 0.7), breath=0.6)
+        return t + d
+
+    _calls(score, rng, grunt, (0.08, 0.35))
+    return -8.0, 0.9
+
+
+def _cow(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """Long, low moos with a slow pitch arch and opening formants (m -> oo -> o), dark spectrum."""
+    f, u = 140 * np.exp(rng.normal(0, 0.12)), rng.uniform
+
+    def moo(t: float) -> float:
+        d = u(0.8, 2.2)
+        glide = [fmt(300, 800, 2300, 3300), fmt(600, 1000, 2400, 3400), fmt(450, 900, 2300, 3300)]
+        score.tone(t, t + d, [0.9 * f, 1.1 * f, f, 0.8 * f], glide, breath=0.2, attack=0.1, release=0.2)
+        return t + d
+
+    _calls(score, rng, moo, (0.3, 0.8))
+    return -11.0, 0.3
+
+
+def _frog(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """Croaks: trains of pulses at 14-30 Hz on a mid-pitched carrier."""
+    f, u = 300 * np.exp(rng.normal(0, 0.15)), rng.uniform
+    pulse_rate = u(14, 30)
+
+    def croak(t: float) -> float:
+        d = u(0.25, 0.7)
+        score.tone(t, t + d, [f, 0.95 * f], fmt(900, 1600, 2700, 3700), am=(pulse_rate, 0.95), breath=0.3)
+        return t + d
+
+    _calls(score, rng, croak, (0.15, 0.5))
+    return -5.0, 0.4
+
+
+def _hen(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """Short, bright clucks at irregular intervals, now and then a longer rising 'bawk'."""
+    f, u = 380 * np.exp(rng.normal(0, 0.12)), rng.uniform
+
+    def cluck(t: float) -> float:
+        long = rng.random() < 0.15
+        d = u(0.25, 0.4) if long else u(0.04, 0.09)
+        pitch = [f, 1.4 * f, 1.2 * f] if long else [1.1 * f, 0.9 * f]
+        score.tone(t, t + d, pitch, fmt(900, 2300, 3300, 4200), attack=0.003, release=0.02, breath=0.4)
+        return t + d
+
+    _calls(score, rng, cluck, (0.12, 0.45))
+    return -5.0, 0.3
+
+
+def _rooster(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """A harsh four-part crow (cock-a-doodle-doo): three short rising parts and a long held one."""
+    f, u = 560 * np.exp(rng.normal(0, 0.1)), rng.uniform
+
+    def crow(t: float) -> float:
+        parts = [
+            (u(0.1, 0.16), [0.8 * f, f]),
+            (u(0.1, 0.16), [f, 0.95 * f]),
+            (u(0.14, 0.22), [1.05 * f, 1.2 * f]),
+            (u(0.5, 0.9), [1.2 * f, 1.25 * f, 0.8 * f]),
+        ]
+        for d, pitch in parts:
+            score.tone(t, t + d, pitch, fmt(750, 1800, 3000, 4000), breath=0.9, release=0.02)
+            t += d + 0.03
+        return t
+
+    _calls(score, rng, crow, (0.4, 1.0))
+    return -5.0, 0.8
+
+
+def _sheep(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """Bleats: an 'baa' vowel with a deep 14-24 Hz tremolo and vibrato."""
+    f, u = 270 * np.exp(rng.normal(0, 0.15)), rng.uniform
+    bleat_rate = u(14, 24)
+
+    def baa(t: float) -> float:
+        d = u(0.45, 1.0)
+        glide = [fmt(500, 1500, 2600, 3600), fmt(850, 1550, 2650, 3700)]
+        score.tone(t, t + d, [f, 1.05 * f, 0.9 * f], glide, am=(bleat_rate, 0.6), vibrato=(bleat_rate, 0.6),
+                   breath=0.4)  # fmt: skip
+        return t + d
+
+    _calls(score, rng, baa, (0.3, 0.9))
+    return -7.0, 0.3
+
+
+def _crow(score: _Score, rng: np.random.Generator, fmt: _Formants) -> tuple[float, float]:
+    """Groups of two to four harsh, noisy caws with wide formants."""
+    f, u = 550 * np.exp(rng.normal(0, 0.15)), rng.uniform
+
+    def caws(t: float) -> float:
+        for _ in range(rng.integers(2, 5)):
+            d = u(0.22, 0.45)
+            score.tone(t, t + d, [0.95 * f, 1.05 * f, 0.85 * f], fmt(1000, 1700, 2800, 3800),
+                       bandwidths=(300, 350, 400, 500), breath=1.2)  # fmt: skip
+            t += d + u(0.15, 0.4)
+        return t
+
+    _calls(score, rng, caws, (0.4, 1.0))
+    return -4.0, 1.0
+
+
+_ANIMALS = {
+    "dog": _dog, "cat": _cat, "pig": _pig, "cow": _cow, "frog": _frog, "hen": _hen, "rooster": _rooster,
+    "sheep": _sheep, "crow": _crow,
+}  # fmt: skip
+
+
 def _animal_clip(score: _Score, rng: np.random.Generator, label: str) -> tuple[float, float]:
-    u, size = rng.uniform, np.exp(rng.normal(0, 0.06))  # size: the animal's vocal-tract factor
-
-    def formants(*values: float) -> np.ndarray:
-        return np.asarray(values) / size
-
-    if label == "dog":
-        f = 550 * np.exp(rng.normal(0, 0.15))
-
-        def bark_group(t: float) -> float:
-            for _ in range(rng.integers(1, 4)):
-                d = u(0.08, 0.18)
-                score.tone(t, t + d, [0.9 * f, 1.15 * f, 0.7 * f], formants(650, 1500, 2600, 3600), u(0.7, 1),
-                           bandwidths=(200, 250, 300, 400), attack=0.005, release=0.04, breath=0.8)  # fmt: skip
-                t += d + u(0.08, 0.2)
-            return t
-
-        score.tilt, rough = -6.0, 0.5
-        _calls(score, rng, bark_group, (0.2, 0.7))
-    elif label == "cat":
-        f = 620 * np.exp(rng.normal(0, 0.12))
-
-        def meow(t: float) -> float:
-            d = u(0.45, 1.0)
-            glide = [formants(400, 2100, 3000, 4000), formants(900, 1500, 2800, 4000), formants(600, 1100, 2700, 3900)]
-            score.tone(t, t + d, [0.85 * f, 1.15 * f, 1.05 * f, 0.7 * f], glide, breath=0.1, release=0.1)
-            return t + d
-
-        score.tilt, rough = -7.0, 0.1
-        _calls(score, rng, meow, (0.3, 1.0))
-    elif label == "pig":
-        f = 130 * np.exp(rng.normal(0, 0.15))
-
-        def grunt(t: float) -> float:
-            d = u(0.12, 0.3)
-            score.tone(t, t + d, [f, 0.85 * f], formants(350, 1000, 2300, 3300), am=(u(35, 55), 0.7), breath=0.6)
-            return t + d
-
-        score.tilt, rough = -8.0, 0.9
-        _calls(score, rng, grunt, (0.08, 0.35))
-    elif label == "cow":
-        f = 140 * np.exp(rng.normal(0, 0.12))
-
-        def moo(t: float) -> float:
-            d = u(0.8, 2.2)
-            glide = [formants(300, 800, 2300, 3300), formants(600, 1000, 2400, 3400), formants(450, 900, 2300, 3300)]
-            score.tone(t, t + d, [0.9 * f, 1.1 * f, f, 0.8 * f], glide, breath=0.2, attack=0.1, release=0.2)
-            return t + d
-
-        score.tilt, rough = -11.0, 0.3
-        _calls(score, rng, moo, (0.3, 0.8))
-    elif label == "frog":
-        f = 300 * np.exp(rng.normal(0, 0.15))
-        pulse_rate = u(14, 30)
-
-        def croak(t: float) -> float:
-            d = u(0.25, 0.7)
-            score.tone(t, t + d, [f, 0.95 * f], formants(900, 1600, 2700, 3700), am=(pulse_rate, 0.95), breath=0.3)
-            return t + d
-
-        score.tilt, rough = -5.0, 0.4
-        _calls(score, rng, croak, (0.15, 0.5))
-    elif label == "hen":
-        f = 380 * np.exp(rng.normal(0, 0.12))
-
-        def cluck(t: float) -> float:
-            long = rng.random() < 0.15
-            d = u(0.25, 0.4) if long else u(0.04, 0.09)
-            pitch = [f, 1.4 * f, 1.2 * f] if long else [1.1 * f, 0.9 * f]
-            score.tone(t, t + d, pitch, formants(900, 2300, 3300, 4200), attack=0.003, release=0.02, breath=0.4)
-            return t + d
-
-        score.tilt, rough = -5.0, 0.3
-        _calls(score, rng, cluck, (0.12, 0.45))
-    elif label == "rooster":
-        f = 560 * np.exp(rng.normal(0, 0.1))
-
-        def crow_call(t: float) -> float:
-            parts = [
-                (u(0.1, 0.16), [0.8 * f, f]),
-                (u(0.1, 0.16), [f, 0.95 * f]),
-                (u(0.14, 0.22), [1.05 * f, 1.2 * f]),
-                (u(0.5, 0.9), [1.2 * f, 1.25 * f, 0.8 * f]),
-            ]
-            for d, pitch in parts:
-                score.tone(t, t + d, pitch, formants(750, 1800, 3000, 4000), breath=0.9, release=0.02)
-                t += d + 0.03
-            return t
-
-        score.tilt, rough = -5.0, 0.8
-        _calls(score, rng, crow_call, (0.4, 1.0))
-    elif label == "sheep":
-        f = 270 * np.exp(rng.normal(0, 0.15))
-        bleat_rate = u(14, 24)
-
-        def baa(t: float) -> float:
-            d = u(0.45, 1.0)
-            glide = [formants(500, 1500, 2600, 3600), formants(850, 1550, 2650, 3700)]
-            score.tone(t, t + d, [f, 1.05 * f, 0.9 * f], glide, am=(bleat_rate, 0.6), vibrato=(bleat_rate, 0.6),
-                       breath=0.4)  # fmt: skip
-            return t + d
-
-        score.tilt, rough = -7.0, 0.3
-        _calls(score, rng, baa, (0.3, 0.9))
-    elif label == "crow":
-        f = 550 * np.exp(rng.normal(0, 0.15))
-
-        def caw_group(t: float) -> float:
-            for _ in range(rng.integers(2, 5)):
-                d = u(0.22, 0.45)
-                score.tone(t, t + d, [0.95 * f, 1.05 * f, 0.85 * f], formants(1000, 1700, 2800, 3800),
-                           bandwidths=(300, 350, 400, 500), breath=1.2)  # fmt: skip
-                t += d + u(0.15, 0.4)
-            return t
-
-        score.tilt, rough = -4.0, 1.0
-        _calls(score, rng, caw_group, (0.4, 1.0))
-    else:
-        raise AssertionError(label)
-    score.tilt += rng.normal(0, 1.0)
-    return rough, 0.0
+    size = np.exp(rng.normal(0, 0.06))  # the animal's vocal-tract factor
+    tilt, roughness = _ANIMALS[label](score, rng, lambda *hz: np.asarray(hz) / size)
+    score.tilt = tilt + rng.normal(0, 1.0)
+    return roughness, 0.0
 
 
-_CLIPS = {"animal": _animal_clip, "emotion": _emotion_clip, "gender": _gender_clip, "language": _language_clip}
+_CLIPS = {
+    "animal": _animal_clip,
+    "emotion": _emotion_clip,
+    "gender": _gender_clip,
+    "language": _language_clip,
+}
 
 
 # -- public API -----------------------------------------------------------------------------------------------------
@@ -580,10 +628,12 @@ def synthetic_clip(attribute: str, label: str, rng: np.random.Generator) -> Floa
     track = get_track(attribute)
     canonical = track.canonical_label(label)
     if canonical is None:
-        raise DataError(f"label {label!r} is not among the options of track {track.attribute!r} ({', '.join(track.labels)})")
+        raise DataError(
+            f"label {label!r} is not among the options of track {track.attribute!r} ({', '.join(track.labels)})"
+        )
     score = _Score(rng.uniform(MIN_SECONDS, MAX_SECONDS), rng)
     roughness, level_db = _CLIPS[track.attribute](score, rng, canonical)
-    return score.render(roughness, snr_db=rng.uniform(30, 45), level_db=-20 + level_db + rng.normal(0, 1.5))
+    return score.render(roughness, snr_db=rng.uniform(30, 45), level_db=-20 + level_db + rng.normal(0, 2.0))
 
 
 def clip_rng(seed: int, attribute: str, label: str, index: int) -> np.random.Generator:
