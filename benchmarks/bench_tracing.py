@@ -24,10 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPT = (
-    "What is the gender of the speaker in the speech? Listen to the voice carefully before you answer. "
-    "Possible options: male, female."
-)
+PROMPT = "What is the gender of the speaker in the speech? Listen carefully. Possible options: male, female."
 PREFIX = "The speaker's gender is"
 
 
