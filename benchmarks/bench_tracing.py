@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=12.5, help="clip length (12.5 s gives 312 audio rows)")
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per method (1: steady timings on a shared 2-core machine)")
     parser.add_argument("--method", choices=["fast", "reference", "hf_loop"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
