@@ -127,6 +127,17 @@ class HookedLALM(nn.Module):
         return cls(hf_model, processor, resolved, model_name=str(name_or_path))
 
     # -- TransformerLens surface -------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        """TransformerLens attributes not defined here (`unembed`, `ln_final`, `blocks`, `W_U`, `to_tokens`,
+        `reset_hooks`, ...) come from the bridge, so TL tools that read them work on the whole model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            bridge = self._modules.get("bridge")
+            if bridge is None or name.startswith("_"):
+                raise
+            return getattr(bridge, name)
+
     @property
     def cfg(self) -> Any:
         return self.bridge.cfg
@@ -219,11 +230,15 @@ class HookedLALM(nn.Module):
         return any(hp._forward_hooks for hp in self.audio.hook_points().values())
 
     def audio_embeddings(self, inp: LALMInput) -> Float[torch.Tensor, "batch n_audio d_model"]:
-        """The audio rows for `inp`, computed once and reused unless a hook watches the audio path."""
+        """The audio rows for `inp`, computed once and reused.
+
+        They are recomputed (and not kept) when a hook watches the audio path, or when gradients are on, so that
+        every backward pass has its own graph through the audio tower.
+        """
         if inp.audio_embeds_override is not None:
             return inp.audio_embeds_override
         key = id(self)
-        hooked = self._audio_hooked()
+        hooked = self._audio_hooked() or torch.is_grad_enabled()
         if not hooked and key in inp._audio_embeds_cache:
             return inp._audio_embeds_cache[key]
         embeds = self.port.audio_embeddings(self.hf_model, inp.audio_features, inp.extras, self.audio)

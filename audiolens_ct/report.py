@@ -27,8 +27,10 @@ the clean run). P is the probability of the correct option's answer token after 
 <p><b>Recovery rate</b> RR = (P<sub>patched</sub> − P<sub>corrupted</sub>) / (P<sub>clean</sub> −
 P<sub>corrupted</sub>): 1 means the restored states carry all the audio information the answer needs, 0 means
 none of it.</p>
-<p><b>Layer-wise map</b>: RR(l) when every text position after the audio is restored at layer l; where it
-drops, the text has finished reading the audio. <b>Token-wise map</b>: RR(l, i) when one position i is restored at
+<p><b>Layer-wise map</b>: RR(l) when every text position after the audio is restored at layer l. At layer 0
+the text holds only its token embeddings, the same in both runs, so RR(0) = 0; RR(l) climbs towards 1 over the
+layers in which the text tokens read the audio (audio-text fusion), and stays high once the answer no longer needs
+the audio rows. <b>Token-wise map</b>: RR(l, i) when one position i is restored at
 layer l, shown by position counted from the last token (0) and summarised over the segments early prompt /
 object tokens (the option list) / late prompt / last token.</p>
 <p><b>Samples.</b> A clip is excluded when the clean run predicts a wrong option, the corrupted run still predicts

@@ -148,3 +148,26 @@ def test_run_with_cache_of_audio_hooks_alone(qwen2_audio_model):
     logits, cache = qwen2_audio_model.run_with_cache(inp, names_filter="audio.hook_embeds")
     assert list(cache.keys()) == ["audio.hook_embeds"]
     assert (logits - qwen2_audio_model(inp)).abs().max() == 0
+
+
+def test_transformer_lens_tools_that_read_bridge_attributes_work(qwen2_audio_model):
+    from transformer_lens.tools.analysis.logit_lens import logit_lens
+
+    model = qwen2_audio_model
+    inp = model.prepare(tone(1.0), GENDER_PROMPT, GENDER_PREFIX)
+    assert model.unembed is model.bridge.unembed and len(model.blocks) == model.cfg.n_layers
+    with torch.no_grad():
+        lens = logit_lens(model, inp)
+        final = model(inp)
+    assert lens.labels[0] == "0_pre" and len(lens.labels) >= model.cfg.n_layers + 1
+    assert lens.values.shape[0] == len(lens.labels) and final.shape[1] == inp.shape[1]
+
+
+def test_two_backward_passes_on_one_input(qwen2_audio_model):
+    model = qwen2_audio_model
+    inp = model.prepare(tone(1.0), GENDER_PROMPT, GENDER_PREFIX)
+    for _ in range(2):
+        model(inp)[0, -1].logsumexp(-1).backward()
+    grad = model.hf_model.model.audio_tower.conv1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    model.hf_model.zero_grad(set_to_none=True)
