@@ -12,6 +12,8 @@ layers below l unchanged. So:
    `mlp_out`, at every layer of a ROME window); then every row passes layer k. One walk yields the patched output
    of all layers for that suffix.
 4. Only the last position goes through the final norm and the unembedding.
+5. A residual patch that writes exactly the values already there (a text token's embedding before layer 0 is
+   the same in both runs) is not run at all: its result is the corrupted run's.
 
 Rows are cut into chunks of at most `max_batch` (patches x corrupted copies), which bounds memory. The decoder
 layers are the bridge's own blocks, so TransformerLens hooks still fire inside them.
@@ -54,10 +56,11 @@ class _PrefixKV:
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         prefix_k, prefix_v = self.prefix[layer_idx]
         rows = keys.shape[0] // self.copies
-        return (
-            torch.cat([prefix_k.repeat(rows, 1, 1, 1), keys], dim=2),
-            torch.cat([prefix_v.repeat(rows, 1, 1, 1), values], dim=2),
-        )
+        if self.copies == 1:  # a stride-0 view: the concatenation is the only copy
+            prefix_k, prefix_v = prefix_k.expand(rows, -1, -1, -1), prefix_v.expand(rows, -1, -1, -1)
+        else:
+            prefix_k, prefix_v = prefix_k.repeat(rows, 1, 1, 1), prefix_v.repeat(rows, 1, 1, 1)
+        return torch.cat([prefix_k, keys], dim=2), torch.cat([prefix_v, values], dim=2)
 
 
 @dataclass
@@ -149,6 +152,20 @@ def _suffix_pass(
     return _unembed_last(bridge, h).reshape(len(rows), copies, -1)
 
 
+def _writes_nothing_new(kind: str, patch: Patch, clean_cache: ActivationCache, run: CorruptedRun) -> bool:
+    """A residual patch whose clean values equal the corrupted ones exactly (e.g. text token embeddings before
+    layer 0) cannot change the output: its result is the corrupted run's, with no pass needed."""
+    if kind != "resid_pre":
+        return False
+    return all(
+        torch.equal(
+            clean_cache[get_act_name(kind, layer)][0, list(patch.src)].expand_as(run.resid_pre[layer][:, list(patch.dst)]),
+            run.resid_pre[layer][:, list(patch.dst)],
+        )
+        for layer in patch.layers
+    )
+
+
 def evaluate_fast(
     model: Any,
     sweep: Sweep,
@@ -170,9 +187,12 @@ def evaluate_fast(
     for n, patch in enumerate(sweep.patches):
         groups[(patch.src, patch.dst)].append(n)
     out = torch.zeros(len(sweep.patches), dtype=torch.float64)
+    p_corrupted = run.last_logits.float().softmax(-1)[..., target].double().mean().item()
     with torch.no_grad():
-        for (_, dst), members in groups.items():
-            members = sorted(members, key=lambda n: min(sweep.patches[n].layers))
+        for (_, dst), group in groups.items():
+            inert = [n for n in group if _writes_nothing_new(sweep.kind, sweep.patches[n], clean_cache, run)]
+            out[inert] = p_corrupted
+            members = sorted(set(group) - set(inert), key=lambda n: min(sweep.patches[n].layers))
             for lo in range(0, len(members), per_pass):
                 chunk = members[lo : lo + per_pass]
                 logits = _suffix_pass(model, run, sweep.kind, clean_cache, [sweep.patches[n] for n in chunk], min(dst))
