@@ -34,8 +34,9 @@ from audiolens_ct.sweep import run_sweep
 
 DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model"
 DEMO_SEED = 7  # clip seed of the demo set; training used seeds 0 (train) and 1 (held-out)
-CLIPS_PER_LABEL = {"animal": 3, "emotion": 5, "gender": 12, "language": 3}
-"""About 25 clips per attribute, so each attribute keeps enough samples for confidence intervals."""
+CLIPS_PER_LABEL = {"animal": 4, "emotion": 6, "gender": 16, "language": 4}
+"""30-36 clips per attribute: after the exclusions (silence answers one fixed option per track, so that option's
+clips are excluded) each attribute keeps about 15-30 samples, enough for confidence intervals."""
 
 
 def demo_model_path() -> Path:
@@ -71,8 +72,9 @@ def run_demo(out: str | Path, clips_per_label: dict[str, int] = CLIPS_PER_LABEL,
         report = write_report(out)
     finally:
         torch.set_num_threads(threads)
+    resumed = f" ({summary.resumed} from an earlier run)" if summary.resumed else ""
     print(
-        f"traced {summary.total} clips in {time.perf_counter() - start:.0f} s: {summary.kept} kept, "
+        f"traced {summary.total} clips{resumed} in {time.perf_counter() - start:.0f} s: {summary.kept} kept, "
         f"{summary.excluded} excluded, {summary.errors} errors\n"
         f"  data:    {data}\n"
         f"  records: {out / 'records'}\n"
