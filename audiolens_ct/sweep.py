@@ -25,14 +25,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from audiolens_ct.audio import AudioLoadError
-from audiolens_ct.corruption import CORRUPTIONS, TRANSCRIPT_POLICIES
 from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.data.prompts import DataError
 from audiolens_ct.data.sample import Sample
 from audiolens_ct.inputs import InputError
 from audiolens_ct.store import RunStore
-from audiolens_ct.tracing.sweep import KINDS
-from audiolens_ct.tracing.trace import ENGINES, MODES, _versions, trace
+from audiolens_ct.tracing.trace import MODES, check_options, trace, versions
 
 SAMPLE_ERRORS = (AudioLoadError, InputError, DataError)
 """Problems of one sample's data: recorded in its error record. Anything else is a bug and stops the sweep."""
@@ -65,19 +63,8 @@ def sweep_settings(
     transcript_policy: str = "clean",
 ) -> dict[str, Any]:
     """The settings a run is identified by (checked on resume); unknown values raise `InputError` here."""
-    checks = (("corruption", corruption, CORRUPTIONS), ("engine", engine, ENGINES), ("kind", kind, KINDS),
-              ("transcript_policy", transcript_policy, TRANSCRIPT_POLICIES))  # fmt: skip
-    for name, value, allowed in checks:
-        if value not in allowed:
-            raise InputError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
-    bad_modes = [m for m in modes if m not in MODES]
-    if bad_modes or not modes:
-        raise InputError(f"unknown tracing modes {bad_modes or list(modes)}; use any of {', '.join(MODES)}")
-    if window < 1:
-        raise InputError(f"window must be >= 1, got {window}")
+    check_options(corruption, modes, engine, kind, window, transcript_policy, noise_scale, noise_copies)
     noisy = corruption == "noise"
-    if noisy and (noise_copies < 1 or noise_scale <= 0):
-        raise InputError(f"noise needs noise_copies >= 1 and noise_scale > 0, got {noise_copies} and {noise_scale}")
     return dict(
         model=model_name, port=port, dataset=dataset, corruption=corruption, engine=engine, kind=kind, window=window,
         modes=[m for m in MODES if m in modes], seed=seed, noise_scale=noise_scale if noisy else None,
@@ -138,7 +125,7 @@ def run_sweep(
         for variant in variants:
             answer_tokens(model.tokenizer, variant["options"])  # a clash of option tokens fails here, once
     store = RunStore(out_dir)
-    store.open(settings, prompts, _versions(), command)
+    store.open(settings, prompts, versions(), command)
 
     counts = {"kept": 0, "excluded": 0, "error": 0}
     pending = []

@@ -22,7 +22,7 @@ import torch
 from transformer_lens.utilities import get_act_name
 
 from audiolens_ct.audio import as_waveform
-from audiolens_ct.corruption import corrupt
+from audiolens_ct.corruption import CORRUPTIONS, TRANSCRIPT_POLICIES, corrupt
 from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.inputs import SEGMENT_NAMES, InputError, LALMInput
 from audiolens_ct.tracing.engine_fast import evaluate_fast, run_corrupted
@@ -34,7 +34,27 @@ ENGINES = ("fast", "transformer_lens")
 MODES = ("layer", "token")
 
 
-def _versions() -> dict[str, str]:
+def check_options(
+    corruption: str, modes: Sequence[str], engine: str, kind: str, window: int, transcript_policy: str,
+    noise_scale: float, noise_copies: int,
+) -> None:
+    """Reject unknown tracing options with a message naming the value and the valid choices."""
+    for name, value, allowed in (
+        ("corruption", corruption, CORRUPTIONS), ("engine", engine, ENGINES), ("activation kind", kind, KINDS),
+        ("transcript policy", transcript_policy, TRANSCRIPT_POLICIES),
+    ):
+        if value not in allowed:
+            raise InputError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise InputError(f"unknown tracing modes {unknown or list(modes)}; use any of {', '.join(MODES)}")
+    if window < 1:
+        raise InputError(f"window must be >= 1, got {window}")
+    if corruption == "noise" and (noise_copies < 1 or noise_scale <= 0):
+        raise InputError(f"noise needs noise_copies >= 1 and noise_scale > 0, got {noise_copies} and {noise_scale}")
+
+
+def versions() -> dict[str, str]:
     names = ("audiolens-ct", "torch", "transformers", "transformer-lens")
     out = {}
     for name in names:
@@ -125,13 +145,7 @@ def trace(
     options = list(options)
     if target not in options:
         raise InputError(f"the target {target!r} is not among the options {options}")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise InputError(f"unknown tracing modes {unknown or list(modes)}; use any of {MODES}")
-    if engine not in ENGINES:
-        raise InputError(f"unknown engine {engine!r}; use one of {ENGINES}")
-    if kind not in KINDS:
-        raise InputError(f"unknown activation kind {kind!r}; use one of {KINDS}")
+    check_options(corruption, modes, engine, kind, window, transcript_policy, noise_scale, noise_copies)
     wave = as_waveform(audio, sampling_rate, model.port.sampling_rate, model.port.name)
     option_ids = answer_tokens(model.tokenizer, options)
     target_id = option_ids[target]
@@ -182,7 +196,7 @@ def trace(
             transcript_policy=transcript_policy if "transcript" in clean.extras else None,
             clean_transcript=clean.extras.get("transcript"), corrupted_transcript=corrupted.extras.get("transcript")
             if not isinstance(corrupted.extras.get("transcript"), list) else corrupted.extras["transcript"][0],
-            clean_length=clean.shape[1], corrupted_length=corrupted.shape[1], versions=_versions(),
+            clean_length=clean.shape[1], corrupted_length=corrupted.shape[1], versions=versions(),
         ),
     )
     if result.excluded and not trace_excluded:
