@@ -480,6 +480,9 @@ def release_config(model: QwenAudioModel) -> dict[str, Any]:
         "seq_length": model.seq_length or 2048, "max_position_embeddings": text.max_position_embeddings,
         "use_dynamic_ntk": model.seq_length is not None, "use_logn_attn": model.seq_length is not None,
         "no_bias": True, "tie_word_embeddings": False, "vocab_size": text.vocab_size,
+        # as the release file: precision chosen by the loader (QWenConfig defaults to fp16=True otherwise)
+        "bf16": False, "fp16": False, "fp32": False, "emb_dropout_prob": 0.0, "attn_dropout_prob": 0.0,
+        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
         "audio": {
             "n_mels": enc.num_mel_bins, "n_ctx": enc.max_source_positions, "n_state": enc.d_model,
             "n_head": enc.encoder_attention_heads, "n_layer": enc.encoder_layers, "output_dim": text.hidden_size,

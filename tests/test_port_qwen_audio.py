@@ -235,6 +235,8 @@ def test_release_layout_round_trips_through_from_pretrained(tiny, tmp_path, shar
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["QWenLMHeadModel"]
     assert config["audio"]["audio_start_id"] == processor.tokenizer.audio_start_id
+    # the release code's QWenConfig defaults to fp16=True; its loader (fp32=True) needs all three flags false
+    assert (config["bf16"], config["fp16"], config["fp32"]) == (False, False, False)
     loaded = HookedLALM.from_pretrained(str(tmp_path))
     assert loaded.port.name == "qwen-audio"
     assert loaded.processor.chat_format == "raw"
