@@ -15,6 +15,8 @@ Release behaviour reproduced (`kehanlu/DeSTA2.5-Audio: desta/models/modeling_des
   The run is overwritten by the 64 connector rows followed by the transcript's token embeddings (tokenised on
   its own, no special tokens), so all 64 + T rows are audio rows here. The response prefix follows the
   assistant header.
+- eval mode: the release's own `from_pretrained` leaves the connector in training mode (Q-Former dropout 0.1) and
+  its README quickstart never calls `.eval()`; its evaluation script does, and the port reproduces that.
 
 Checkpoint layout: `config.json` (`llm_model_id`, `encoder_model_id`, `qformer_num_hidden_layers`,
 `prompt_size`, `placeholder_token`, `target_layer_ids`, ...) and `model.safetensors` holding only the connector
