@@ -206,3 +206,17 @@ def test_fast_engine_equals_reference_engine_on_desta(port, policy):
         if policy == "corrupted" and corruption == "silence":
             assert fast.meta["corrupted_transcript"] == " "
             assert fast.meta["corrupted_length"] < fast.meta["clean_length"]
+
+
+def test_transformer_lens_hooks_fire_inside_the_fast_engine(qwen2_audio_model, kept):
+    model = qwen2_audio_model
+    wave, target, options = kept
+    clean = model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX, options=options)
+    corrupted = model.prepare_like(clean, np.zeros_like(wave))
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    seen = []
+    sweep = layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
+    with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: seen.append(tuple(x.shape)))]):
+        evaluate_fast(model, sweep, cache, corrupted, answer_tokens(model.tokenizer, options)[target])
+    # once in the corrupted run (full length), then in the suffix pass (rows joined at layers 0 and 1)
+    assert seen[0][1] == corrupted.shape[1] and seen[-1][1] == len(clean.text_positions)
