@@ -93,12 +93,20 @@ def test_exclusion_keeps_probabilities_and_gives_no_rr(qwen2_audio_model, kept):
     assert 0 < res.p_clean < 1 and 0 < res.p_corrupted < 1
 
 
-def test_fast_engine_reuses_one_corrupted_run_across_chunk_sizes(qwen2_audio_model, kept):
+@pytest.fixture(scope="module")
+def silenced(qwen2_audio_model, kept):
+    """The kept clip, its silent twin, and the clean run's resid_pre cache."""
+    wave, _, options = kept
+    clean = qwen2_audio_model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX, options=options)
+    corrupted = qwen2_audio_model.prepare_like(clean, np.zeros_like(wave))
+    _, cache = qwen2_audio_model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    return clean, corrupted, cache
+
+
+def test_fast_engine_reuses_one_corrupted_run_across_chunk_sizes(qwen2_audio_model, kept, silenced):
     model = qwen2_audio_model
-    wave, target, options = kept
-    clean = model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX, options=options)
-    corrupted = model.prepare_like(clean, np.zeros_like(wave))
-    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    _, target, options = kept
+    clean, corrupted, cache = silenced
     run = run_corrupted(model, corrupted)
     with torch.no_grad():
         direct = model(corrupted)[0, -1]
@@ -208,12 +216,10 @@ def test_fast_engine_equals_reference_engine_on_desta(port, policy):
             assert fast.meta["corrupted_length"] < fast.meta["clean_length"]
 
 
-def test_transformer_lens_hooks_fire_inside_the_fast_engine(qwen2_audio_model, kept):
+def test_transformer_lens_hooks_fire_inside_the_fast_engine(qwen2_audio_model, kept, silenced):
     model = qwen2_audio_model
-    wave, target, options = kept
-    clean = model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX, options=options)
-    corrupted = model.prepare_like(clean, np.zeros_like(wave))
-    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    _, target, options = kept
+    clean, corrupted, cache = silenced
     seen = []
     sweep = layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
     with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: seen.append(tuple(x.shape)))]):
