@@ -1,16 +1,21 @@
 # Two commands do everything on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Both install the exact tested set of packages from constraints.txt (see CONTRIBUTING: moving the pins).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install -q -c constraints.txt
+# `make test-compat TRANSFORMERS=x.y.z`: the tracing and exactness tests with another transformers release
+TRANSFORMERS ?= 5.23.0
+COMPAT := .venv-transformers-$(TRANSFORMERS)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-compat lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP) pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -19,11 +24,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
+test-compat: $(STAMP)
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q -c constraints.txt pip torch==2.13.0
+	grep -v '^transformers==' constraints.txt > $(COMPAT)/constraints.txt
+	$(COMPAT)/bin/python -m pip install -q -c $(COMPAT)/constraints.txt -e ".[dev]" transformers==$(TRANSFORMERS)
+	HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest tests/test_tracing.py tests/test_exactness.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check audiolens_ct model_ports tests benchmarks
 
 bench: $(STAMP)
+	$(BIN)/python -c "import nnsight" 2>/dev/null || $(PIP) -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_tracing.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-transformers-* runs

@@ -5,13 +5,14 @@ from audiolens_ct.audio import AudioLoadError, load_audio
 from audiolens_ct.inputs import InputError, LALMInput
 from audiolens_ct.model import HookedLALM
 from audiolens_ct.ports import CheckpointError, Port, PortError, available_ports, get_port, register_port
-from audiolens_ct.tracing import TraceResult, trace
+from audiolens_ct.tracing import ExactnessError, TraceResult, trace
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AudioLoadError",
     "CheckpointError",
+    "ExactnessError",
     "HookedLALM",
     "InputError",
     "LALMInput",

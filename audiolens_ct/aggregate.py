@@ -10,6 +10,8 @@ Per attribute, `aggregate.json` holds:
 - `p_clean`, `p_corrupted`: mean probabilities of the target answer token over kept samples;
 - `layer_rr`: RR(l) of layer-wise tracing, per layer;
 - `segment_rr`: token-wise RR averaged within each segment (early_prompt, object, late_prompt, last), per layer;
+- `audit`: how many traced samples the fast engine's exactness audit checked (`samples`) and the largest
+  |fast − reference| it found (`max_abs_diff`, in probability);
 - `token_rr`: RR(l, i) per layer and position counted from the end of the sequence (`from_end`: ..., −1, 0; 0 is
   the last token), so samples whose prompts differ in length (e.g. a transcript) line up at the answer; `tokens`
   and `segments` name the columns (taken from the kept sample with the most columns).
@@ -88,6 +90,7 @@ def _attribute(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "layer_rr": None,
         "segment_rr": {},
         "token_rr": None,
+        "audit": _audit([r["result"] for r in rows if r["status"] != "error"]),
     }
     if not kept:
         return out
@@ -102,6 +105,12 @@ def _attribute(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if token:
         out["token_rr"] = _token_from_end(token)
     return out
+
+
+def _audit(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How many traced samples the fast engine's exactness audit checked, and the largest difference it found."""
+    audits = [r["audit"] for r in results if r.get("audit")]
+    return {"samples": len(audits), "max_abs_diff": max((a["max_abs_diff"] for a in audits), default=None)}
 
 
 def _token_from_end(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -36,10 +36,11 @@ from audiolens_ct.ports import CheckpointError, PortError, get_port, port_for_co
 from audiolens_ct.report import write_report
 from audiolens_ct.store import RunMismatchError, RunStore
 from audiolens_ct.sweep import prompts_of, run_sweep, sweep_settings
-from audiolens_ct.tracing import ENGINES, KINDS, MODES
+from audiolens_ct.tracing import ENGINES, KINDS, MODES, ExactnessError
+from audiolens_ct.tracing.audit import versions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-USER_ERRORS = (CheckpointError, PortError, DataError, InputError, AudioLoadError, RunMismatchError, OSError)
+USER_ERRORS = (CheckpointError, PortError, DataError, InputError, AudioLoadError, RunMismatchError, ExactnessError, OSError)
 
 
 class CliError(ValueError):
@@ -92,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed of the noise corruption and of swap partners (default: %(default)s)")  # fmt: skip
     trace.add_argument("--max-batch", type=int, default=64,
                        help="rows per forward pass of the fast engine; lower it if memory runs out (default: %(default)s)")  # fmt: skip
+    trace.add_argument("--no-audit", action="store_true",
+                       help="skip the fast engine's exactness audit (a few full TransformerLens forwards per sample "
+                       "that re-check its cells)")  # fmt: skip
+    trace.add_argument("--accept-versions", action="store_true",
+                       help="resume an --out traced with other versions of audiolens-ct, torch, transformers or "
+                       "transformer-lens (refused otherwise)")  # fmt: skip
     trace.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     plot = commands.add_parser("plot", help="write figures of one or more output directories (overlaid)",
@@ -155,10 +162,12 @@ def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
     options = dict(corruption=args.corruption, modes=args.modes, engine=args.engine, kind=args.kind,
                    window=args.window, seed=args.seed, noise_scale=args.noise_scale,
                    noise_copies=args.noise_copies, transcript_policy=args.transcript_policy)  # fmt: skip
-    RunStore(args.out).check(sweep_settings(model_ref, port.name, dataset, **options), prompts_of(samples))
+    RunStore(args.out).check(sweep_settings(model_ref, port.name, dataset, **options), prompts_of(samples),
+                             versions(), args.accept_versions)  # fmt: skip
     model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=DTYPES.get(args.dtype))
-    summary = run_sweep(model, samples, args.out, max_batch=args.max_batch, dataset=dataset,
-                        command=shlex.join(["audiolens-ct", *argv]), progress=not args.no_progress, **options)  # fmt: skip
+    summary = run_sweep(model, samples, args.out, max_batch=args.max_batch, audit=not args.no_audit, dataset=dataset,
+                        command=shlex.join(["audiolens-ct", *argv]), progress=not args.no_progress,
+                        accept_versions=args.accept_versions, **options)  # fmt: skip
     report = write_report(args.out)
     print(
         f"{summary.total} samples: {summary.kept} kept, {summary.excluded} excluded, {summary.errors} errors "

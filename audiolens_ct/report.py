@@ -49,7 +49,7 @@ pre { background: #f5f5f5; padding: 1em; overflow-x: auto; font-size: 85%; }
 
 def _counts_table(attributes: dict[str, Any]) -> str:
     head = ["attribute", "samples", "kept", *(f"excluded: {r}" for r in REASONS), "errors", "mean P clean",
-            "mean P corrupted"]  # fmt: skip
+            "mean P corrupted", "audited max |diff|"]  # fmt: skip
     rows = []
     for attribute, agg in attributes.items():
         counts = agg["counts"]
@@ -58,10 +58,17 @@ def _counts_table(attributes: dict[str, Any]) -> str:
             return "–" if agg[key] is None else f"{agg[key]['mean']:.4g}"
 
         cells = [attribute, counts["samples"], counts["kept"], *(counts["excluded"].get(r, 0) for r in REASONS),
-                 counts["errors"], mean("p_clean"), mean("p_corrupted")]  # fmt: skip
+                 counts["errors"], mean("p_clean"), mean("p_corrupted"), _audited(agg.get("audit"))]  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
     return f'<table id="counts">{header}{"".join(rows)}</table>'
+
+
+def _audited(audit: dict[str, Any] | None) -> str:
+    """The exactness audit's largest difference over an attribute's samples, or a dash where none was audited."""
+    if not audit or audit["max_abs_diff"] is None:
+        return "–"
+    return f"{audit['max_abs_diff']:.1e} ({audit['samples']} samples)"
 
 
 def _errors(attributes: dict[str, Any]) -> str:

@@ -137,9 +137,13 @@ class RunStore:
         except json.JSONDecodeError as exc:
             raise RunMismatchError(f"{self.manifest_path}: not valid JSON ({exc}); remove it or use another --out") from exc
 
-    def check(self, settings: dict[str, Any], prompts: dict[str, Any] | None = None) -> None:
+    def check(
+        self, settings: dict[str, Any], prompts: dict[str, Any] | None = None, versions: dict[str, str] | None = None,
+        accept_versions: bool = False,
+    ) -> None:
         """Refuse (`RunMismatchError`) if the recorded run differs in any setting given here, or in the prompts
-        of an attribute both runs share. A directory without a manifest passes."""
+        of an attribute both runs share, or (unless `accept_versions`) in the library versions that produced it.
+        A directory without a manifest passes."""
         recorded = self.manifest()
         if recorded is None:
             if (self.root / RECORDS).is_dir() and any((self.root / RECORDS).iterdir()):
@@ -156,12 +160,23 @@ class RunStore:
                 f"{self.root} holds a run with other settings ({'; '.join(diffs)}); re-run with the recorded "
                 "settings to resume it, or write to another output directory"
             )
+        old_versions = recorded.get("versions", {})
+        changed = [f"{name} {old_versions.get(name, 'unknown')} -> {version}" for name, version in (versions or {}).items()
+                   if old_versions.get(name, "unknown") != version]  # fmt: skip
+        if changed and not accept_versions:
+            raise RunMismatchError(
+                f"{self.root} was traced with other library versions ({', '.join(changed)}), so its records may not "
+                "match what these versions compute; write to a new --out, or pass --accept-versions "
+                "(Python: accept_versions=True) to resume it anyway"
+            )
 
     def open(
-        self, settings: dict[str, Any], prompts: dict[str, Any], versions: dict[str, str], command: str | None
+        self, settings: dict[str, Any], prompts: dict[str, Any], versions: dict[str, str], command: str | None,
+        accept_versions: bool = False,
     ) -> dict[str, Any]:
-        """Start or resume the run: check the settings, then record this invocation in the manifest."""
-        self.check(settings, prompts)
+        """Start or resume the run: check the settings and versions, then record this invocation (with its
+        versions) in the manifest. The manifest's top-level `versions` stay those of the run that started it."""
+        self.check(settings, prompts, versions, accept_versions)
         self.remove_stale_temporaries()
         manifest = self.manifest() or {"format": 1, "settings": settings, "prompts": {}, "versions": versions, "invocations": []}
         manifest["prompts"] = {**prompts, **manifest["prompts"]}

@@ -30,7 +30,8 @@ from audiolens_ct.data.prompts import DataError
 from audiolens_ct.data.sample import Sample
 from audiolens_ct.inputs import InputError
 from audiolens_ct.store import RunStore
-from audiolens_ct.tracing.trace import MODES, check_options, trace, versions
+from audiolens_ct.tracing.audit import versions
+from audiolens_ct.tracing.trace import MODES, check_options, trace
 
 SAMPLE_ERRORS = (AudioLoadError, InputError, DataError)
 """Problems of one sample's data: recorded in its error record. Anything else is a bug and stops the sweep."""
@@ -98,21 +99,28 @@ def run_sweep(
     noise_copies: int = 10,
     transcript_policy: str = "clean",
     max_batch: int = 64,
+    audit: bool = True,
     dataset: Any = None,
     command: str | None = None,
     progress: bool = True,
+    accept_versions: bool = False,
 ) -> SweepSummary:
     """Trace every sample with `model` (a `HookedLALM`) into `out_dir`, skipping samples already traced there.
 
     Args:
         samples: from `load_sakura`, `load_sakura_hf` or `load_manifest`; ids must be unique per attribute.
-        corruption, modes, engine, kind, window, seed, noise_scale, noise_copies, transcript_policy, max_batch: as in
-            `audiolens_ct.trace`.
+        corruption, modes, engine, kind, window, seed, noise_scale, noise_copies, transcript_policy, max_batch,
+            audit: as in `audiolens_ct.trace` (each record keeps its audit; an `ExactnessError` stops the sweep,
+            with every finished record kept).
         dataset: a JSON-ready description of the data source, kept in the manifest (and checked on resume).
         command: the command line, kept in the manifest.
         progress: show a tqdm bar (postfix: done, kept, excluded, errors). Each error is printed to stderr anyway.
 
-    Raises `store.RunMismatchError` when `out_dir` holds a run with other settings.
+        accept_versions: resume a directory traced with other versions of audiolens-ct, torch, transformers or
+            transformer-lens (refused otherwise).
+
+    Raises `store.RunMismatchError` when `out_dir` holds a run with other settings or (see `accept_versions`)
+    other library versions.
     """
     settings = sweep_settings(
         model.model_name, model.port.name, dataset, corruption, modes, engine, kind, window, seed, noise_scale,
@@ -125,7 +133,7 @@ def run_sweep(
         for variant in variants:
             answer_tokens(model.tokenizer, variant["options"])  # a clash of option tokens fails here, once
     store = RunStore(out_dir)
-    store.open(settings, prompts, versions(), command)
+    store.open(settings, prompts, versions(), command, accept_versions)
 
     counts = {"kept": 0, "excluded": 0, "error": 0}
     pending = []
@@ -138,7 +146,7 @@ def run_sweep(
     resumed = len(samples) - len(pending)
     trace_kwargs = dict(corruption=corruption, modes=settings["modes"], engine=engine, kind=kind, window=window,
                         seed=seed, noise_scale=noise_scale, noise_copies=noise_copies, transcript_policy=transcript_policy,
-                        max_batch=max_batch)  # fmt: skip
+                        max_batch=max_batch, audit=audit)  # fmt: skip
     bar = tqdm(total=len(samples), initial=resumed, desc=f"tracing {Path(model.model_name).name}", unit="sample",
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     with bar:

@@ -4,6 +4,7 @@ same result; bad input ends in one line and exit code 2."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,6 +220,36 @@ def test_other_settings_into_the_same_directory_are_refused(tiny_dir, data, refe
     assert {p: p.stat().st_mtime_ns for p in (reference / "records").glob("*/*.json")} == before
 
 
+def test_a_directory_traced_with_other_library_versions_is_refused_unless_accepted(tiny_dir, data, reference,
+                                                                                   tmp_path, capsys):  # fmt: skip
+    out = tmp_path / "older"
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    installed = manifest["versions"]["transformers"]
+    manifest["versions"]["transformers"] = "5.23.0"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert cli.main(trace_args(tiny_dir, data["github"], out)) == 2
+    err = capsys.readouterr().err
+    assert f"transformers 5.23.0 -> {installed}" in err and "new --out" in err and "--accept-versions" in err
+    assert err.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before anything was written
+    assert cli.main(trace_args(tiny_dir, data["github"], out, "--accept-versions")) == 0
+    invocations = json.loads((out / "manifest.json").read_text())["invocations"]
+    assert invocations[-1]["versions"]["transformers"] == installed
+
+
+def test_records_keep_the_audit_and_no_audit_turns_it_off(tiny_dir, data, reference, tmp_path):
+    kept = [json.loads(p.read_text()) for p in (reference / "records").glob("*/*.json")]
+    kept = [r for r in kept if r["status"] == "kept"]
+    assert kept and all(r["result"]["audit"]["max_abs_diff"] <= 1e-5 for r in kept)
+    assert all(len(r["result"]["audit"]["cells"]) == 2 + act.tracing.audit.TOKEN_CELLS for r in kept)
+    out = tmp_path / "unaudited"
+    assert cli.main(trace_args(tiny_dir, data["github"], out, "--no-audit")) == 0
+    records = [json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")]
+    assert all(r["result"]["audit"] is None for r in records if r["status"] == "kept")
+
+
 def test_plot_overlays_runs_and_report_rewrites_the_page(reference, tmp_path, capsys):
     assert cli.main(["plot", str(reference), str(reference), "--out", str(tmp_path / "figures")]) == 0
     written = sorted(p.name for p in (tmp_path / "figures").iterdir())
@@ -252,6 +283,7 @@ def test_help_explains_every_trace_option(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--port", "--manifest", "--attributes", "--corruption", "--modes", "--engine", "--kind", "--window",
-                   "--device", "--dtype", "--out", "--limit", "--seed", "--max-batch"):  # fmt: skip
+                   "--device", "--dtype", "--out", "--limit", "--seed", "--max-batch", "--no-audit",
+                   "--accept-versions"):  # fmt: skip
         assert option in text
     assert "(default: resid_pre)" in text

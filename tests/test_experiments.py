@@ -131,6 +131,19 @@ def test_manifest_refuses_other_settings_and_merges_new_attributes(tmp_path):
         "audiolens-ct trace m d", "audiolens-ct trace m d --attributes emotion"]  # fmt: skip
 
 
+def test_manifest_refuses_other_library_versions_unless_accepted(tmp_path):
+    store = RunStore(tmp_path)
+    settings = {"model": "m"}
+    made = {"audiolens-ct": "0.2.0", "torch": "2.13.0", "transformers": "5.23.0", "transformer-lens": "4.3.0"}
+    store.open(settings, {}, made, "first")
+    store.check(settings, {}, made)
+    newer = {**made, "transformers": "5.24.0", "torch": "2.14.0"}
+    with pytest.raises(RunMismatchError, match=r"torch 2.13.0 -> 2.14.0, transformers 5.23.0 -> 5.24.0.*new --out"):
+        store.open(settings, {}, newer, "second")
+    manifest = store.open(settings, {}, newer, "second", accept_versions=True)
+    assert manifest["versions"] == made and manifest["invocations"][-1]["versions"] == newer
+
+
 def runs():
     one = {"settings": {"model": "m2"}, "attributes": aggregate_records([record("a", A)])}
     return [Run("m1", {"settings": {"model": "m1"}, "attributes": aggregate_records(RECORDS)}), Run("m2", one)]

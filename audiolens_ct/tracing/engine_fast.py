@@ -11,12 +11,16 @@ layers below l unchanged. So:
    patched positions (directly for `resid_pre`, through the block's hook for `resid_post` / `attn_out` /
    `mlp_out`, at every layer of a ROME window); then every row passes layer k. One walk yields the patched output
    of all layers for that suffix.
-4. Only the last position goes through the final norm and the unembedding.
+4. Only the last position goes through the last layer's MLP, the final norm and the unembedding (when no hook
+   reads the last layer's other outputs).
 5. A residual patch that writes exactly the values already there (a text token's embedding before layer 0 is
    the same in both runs) is not run at all: its result is the corrupted run's.
 
-Rows are cut into chunks of at most `max_batch` (patches x corrupted copies), which bounds memory. The decoder
-layers are the bridge's own blocks, so TransformerLens hooks still fire inside them.
+Rows are cut into chunks of at most `max_batch` (patches x corrupted copies), which bounds memory. The layers are
+the model's own Hugging Face decoder layers, with the stored prefix handed to attention through a path this package
+owns (`tracing/decoder.py`), not through a cache argument whose name may change; TransformerLens hooks on the
+residual stream and on attention / MLP outputs still fire inside them. Every trace checks a few of its cells
+against full TransformerLens forwards (`tracing/audit.py`).
 """
 
 from __future__ import annotations
@@ -32,35 +36,8 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities import get_act_name
 
 from audiolens_ct.inputs import LALMInput
+from audiolens_ct.tracing.decoder import KV, PrefixKV, RecordKV, plain_decoder
 from audiolens_ct.tracing.sweep import Patch, Sweep
-
-
-class _RecordingKV:
-    """A stand-in KV cache for one full forward: records each layer's keys/values and returns them unchanged."""
-
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        self.kv[layer_idx] = (keys, values)
-        return keys, values
-
-
-class _PrefixKV:
-    """A read-only KV prefix [0, start) shared by every row: each layer's new keys/values are appended to it."""
-
-    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], start: int, copies: int) -> None:
-        self.prefix = {layer: (k[:, :, :start], v[:, :, :start]) for layer, (k, v) in kv.items()}
-        self.copies = copies
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        prefix_k, prefix_v = self.prefix[layer_idx]
-        rows = keys.shape[0] // self.copies
-        if self.copies == 1:  # a stride-0 view: the concatenation is the only copy
-            prefix_k, prefix_v = prefix_k.expand(rows, -1, -1, -1), prefix_v.expand(rows, -1, -1, -1)
-        else:
-            prefix_k, prefix_v = prefix_k.repeat(rows, 1, 1, 1), prefix_v.repeat(rows, 1, 1, 1)
-        return torch.cat([prefix_k, keys], dim=2), torch.cat([prefix_v, values], dim=2)
 
 
 @dataclass
@@ -68,20 +45,15 @@ class CorruptedRun:
     """What the fast engine keeps of the corrupted run: residuals before each layer, and keys/values."""
 
     resid_pre: list[Float[torch.Tensor, "copies pos d_model"]]
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    kv: dict[int, KV]
     last_logits: Float[torch.Tensor, "copies vocab"]
 
 
-def _run_block(block: torch.nn.Module, h: torch.Tensor, pe: Any, positions: torch.Tensor, cache: Any) -> torch.Tensor:
-    out = block(h, position_embeddings=pe, position_ids=positions, past_key_values=cache)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _write_rows(
-    x: Float[torch.Tensor, "rows pos d_model"], hook: Any = None, *, rows: torch.Tensor, cols: torch.Tensor,
+    x: Float[torch.Tensor, "rows pos d_model"], *, rows: torch.Tensor, cols: torch.Tensor,
     values: Float[torch.Tensor, "n_cols d_model"],
 ) -> torch.Tensor:
-    """Write the clean `values` at suffix columns `cols` of batch rows `rows` (usable as a TransformerLens hook)."""
+    """Write the clean `values` at suffix columns `cols` of batch rows `rows`."""
     x = x.clone()
     x[rows[:, None], cols[None, :]] = values.to(x.dtype)
     return x
@@ -92,18 +64,21 @@ def _unembed_last(bridge: Any, h: Float[torch.Tensor, "rows pos d_model"]) -> Fl
 
 
 def run_corrupted(model: Any, corrupted: LALMInput) -> CorruptedRun:
-    """Run the corrupted input once through the bridge's blocks, keeping residuals and keys/values."""
+    """Run the corrupted input once through the model's own layers, keeping residuals and keys/values."""
+    decoder = plain_decoder(model)
+    decoder.check_hooks()
     bridge = model.bridge
     with torch.no_grad(), model._spliced(corrupted):
         h = bridge.embed(corrupted.tokens)
-        positions = torch.arange(h.shape[1], device=h.device)[None]
-        pe = bridge.rotary_emb(h, positions)
-        recorder = _RecordingKV()
+        positions, rotary = decoder.positions(0, h.shape[1], h)
+        recorder = RecordKV()
         resid = [h]
-        for block in bridge.blocks:
-            h = _run_block(block, h, pe, positions, recorder)
+        last = len(decoder.layers) - 1
+        for index in range(len(decoder.layers)):
+            h = decoder.run_layer(index, h, positions, rotary, recorder,
+                                  last_position_only=index == last and decoder.last_layer_unread())
             resid.append(h)
-        return CorruptedRun(resid, recorder.kv, _unembed_last(bridge, h))
+        return CorruptedRun(resid[:-1], recorder.kv, _unembed_last(bridge, h))
 
 
 def _suffix_pass(
@@ -115,41 +90,34 @@ def _suffix_pass(
     start: int,
 ) -> Float[torch.Tensor, "rows copies vocab"]:
     """Final-position logits of `rows` (patches sharing src/dst), recomputing only positions [start, T)."""
-    bridge = model.bridge
+    decoder = plain_decoder(model)
     copies, total, _ = run.resid_pre[0].shape
-    positions = torch.arange(start, total, device=run.resid_pre[0].device)[None]
-    pe = bridge.rotary_emb(run.resid_pre[0][:, start:], positions)
-    cache = _PrefixKV(run.kv, start, copies)
+    positions, rotary = decoder.positions(start, total, run.resid_pre[0][:, start:])
+    prefix = PrefixKV(run.kv, start, copies)
     src = list(rows[0].src)
     cols = torch.tensor([d - start for d in rows[0].dst], device=positions.device)
     joins = [min(p.layers) for p in rows]
+    last = len(decoder.layers) - 1
+    last_only = decoder.last_layer_unread()
     h = run.resid_pre[0][:0, start:]
-    for layer, block in enumerate(bridge.blocks):
+    for layer in range(len(decoder.layers)):
         joining = sum(1 for j in joins if j == layer)
         if joining:
             h = torch.cat([h, run.resid_pre[layer][:, start:].repeat(joining, 1, 1)])
         if h.shape[0] == 0:
             continue
         active = [r for r in range(h.shape[0] // copies) if layer in rows[r].layers]
-        if not active:
-            h = _run_block(block, h, pe, positions, cache)
-            continue
-        write = partial(
-            _write_rows,
-            rows=torch.tensor([r * copies + c for r in active for c in range(copies)], device=h.device),
-            cols=cols,
-            values=clean_cache[get_act_name(kind, layer)][0, src],
-        )
-        if kind == "resid_pre":
-            h = _run_block(block, write(h), pe, positions, cache)
-            continue
-        hook_point = bridge.get_hook_point(get_act_name(kind, layer))
-        handle = hook_point.add_hook(write, dir="fwd")
-        try:
-            h = _run_block(block, h, pe, positions, cache)
-        finally:
-            bridge._remove_temporary_hook(hook_point, "fwd", handle)
-    return _unembed_last(bridge, h).reshape(len(rows), copies, -1)
+        write = None
+        if active:
+            write = partial(
+                _write_rows,
+                rows=torch.tensor([r * copies + c for r in active for c in range(copies)], device=h.device),
+                cols=cols,
+                values=clean_cache[get_act_name(kind, layer)][0, src],
+            )
+        h = decoder.run_layer(layer, h, positions, rotary, prefix, write=write, kind=kind,
+                              last_position_only=layer == last and last_only)
+    return _unembed_last(model.bridge, h).reshape(len(rows), copies, -1)
 
 
 def _writes_nothing_new(kind: str, patch: Patch, clean_cache: ActivationCache, run: CorruptedRun) -> bool:

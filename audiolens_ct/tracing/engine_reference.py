@@ -2,7 +2,8 @@
 
 Single-layer sweeps go through `transformer_lens.patching.generic_activation_patch`, unchanged, with the sweep
 as its `index_df` (columns `layer`, `patch`); a ROME window patches several layers in one forward, which that
-function cannot express, so windows run the same hooks through `run_with_hooks` directly. This engine is slow
+function cannot express, so windows run the same hooks through `run_with_hooks` directly (`patched_metric`, also
+the exactness audit's forward). This engine is slow
 and obviously right; the fast engine is tested against it.
 """
 
@@ -49,16 +50,26 @@ def evaluate_reference(
             )
         return values.detach().cpu().double()
 
-    values = torch.zeros(len(sweep.patches), dtype=torch.float64)
-    for n, patch in enumerate(sweep.patches):
-        hooks = []
-        for layer in patch.layers:
-            name = get_act_name(sweep.kind, layer)
+    return torch.tensor([patched_metric(model, sweep.kind, patch, clean_cache, corrupted, metric)
+                         for patch in sweep.patches], dtype=torch.float64)
 
-            def hook(act: torch.Tensor, hook: Any, name: str = name, patch: Patch = patch) -> torch.Tensor:
-                return _restore(act.clone(), patch, clean_cache[name])
 
-            hooks.append((name, hook))
-        with torch.no_grad():
-            values[n] = float(metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))
-    return values
+def patched_metric(
+    model: Any,
+    kind: str,
+    patch: Patch,
+    clean_cache: ActivationCache,
+    corrupted: LALMInput,
+    metric: Callable[[torch.Tensor], torch.Tensor],
+) -> float:
+    """`metric(logits)` of one full forward of `corrupted` with `patch` applied through TransformerLens hooks."""
+    hooks = []
+    for layer in patch.layers:
+        name = get_act_name(kind, layer)
+
+        def hook(act: torch.Tensor, hook: Any, name: str = name) -> torch.Tensor:
+            return _restore(act.clone(), patch, clean_cache[name])
+
+        hooks.append((name, hook))
+    with torch.no_grad():
+        return float(metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))

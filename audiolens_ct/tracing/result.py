@@ -29,6 +29,8 @@ class TraceResult:
         target, options: the correct option and the option set; `clean_prediction` / `corrupted_prediction` are the
             argmax among the options' answer tokens.
         meta: model, port, corruption, kind, window, engine, library versions, transcript policy, ...
+        audit: the fast engine's exactness audit (`tracing/audit.py`): the recomputed cells with both values,
+            `max_abs_diff`, `tolerance` and `dtype`; None for the reference engine or with `audit=False`.
     """
 
     p_clean: float
@@ -50,6 +52,7 @@ class TraceResult:
     p_token: np.ndarray | None = None
     segment_rr: dict[str, list[float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    audit: dict[str, Any] | None = None
 
     # -- serialisation -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -13,8 +13,8 @@ never NaN or infinite.
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,8 @@ from audiolens_ct.audio import as_waveform
 from audiolens_ct.corruption import CORRUPTIONS, TRANSCRIPT_POLICIES, corrupt
 from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.inputs import SEGMENT_NAMES, InputError, LALMInput
+from audiolens_ct.tracing import audit as exactness
+from audiolens_ct.tracing.audit import versions
 from audiolens_ct.tracing.engine_fast import evaluate_fast, run_corrupted
 from audiolens_ct.tracing.engine_reference import evaluate_reference
 from audiolens_ct.tracing.result import TraceResult
@@ -54,17 +56,6 @@ def check_options(
         raise InputError(f"noise needs noise_copies >= 1 and noise_scale > 0, got {noise_copies} and {noise_scale}")
 
 
-def versions() -> dict[str, str]:
-    names = ("audiolens-ct", "torch", "transformers", "transformer-lens")
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
-
-
 def _last_probs(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the vocabulary at the last position, averaged over the batch (noise copies)."""
     return logits[:, -1].float().softmax(-1).double().mean(0)
@@ -92,11 +83,11 @@ def _evaluate(model: Any, engine: str, sweep: Sweep, clean_cache: Any, corrupted
               max_batch: int) -> np.ndarray:
     if engine == "fast":
         return evaluate_fast(model, sweep, clean_cache, run, target, max_batch=max_batch).numpy()
+    return evaluate_reference(model, sweep, clean_cache, corrupted, partial(_target_probability, target=target)).numpy()
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return _last_probs(logits)[target]
 
-    return evaluate_reference(model, sweep, clean_cache, corrupted, metric).numpy()
+def _target_probability(logits: torch.Tensor, target: int) -> torch.Tensor:
+    return _last_probs(logits)[target]
 
 
 def trace(
@@ -120,6 +111,7 @@ def trace(
     seed: int = 0,
     max_batch: int = 64,
     trace_excluded: bool = False,
+    audit: bool = True,
     **prepare_kwargs: Any,
 ) -> TraceResult:
     """Causal tracing of one clip: clean, corrupted and patched runs, RR maps, exclusion.
@@ -140,6 +132,9 @@ def trace(
             clean clip's ("clean") or the corrupted audio's own ("corrupted"; lengths may then differ).
         max_batch: the fast engine's memory bound (rows per pass).
         trace_excluded: also compute RR maps for excluded samples (as raw patched probabilities only).
+        audit: with the fast engine, recompute a few cells (and the corrupted run) with full TransformerLens
+            forwards and raise `ExactnessError` if they differ beyond the dtype's tolerance (`tracing/audit.py`);
+            the cells and the largest difference are kept in `result.audit`.
         prepare_kwargs: passed to `model.prepare` (e.g. `transcript="..."` to give DeSTA the clean transcript).
     """
     options = list(options)
@@ -160,10 +155,10 @@ def trace(
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
         run = run_corrupted(model, corrupted)
-        corrupted_logits = model(corrupted) if engine == "transformer_lens" else None
+        corrupted_logits = model(corrupted) if engine == "transformer_lens" or (audit and engine == "fast") else None
     p_clean_all = _last_probs(clean_logits)
     p_corr_all = (
-        _last_probs(corrupted_logits) if corrupted_logits is not None
+        _last_probs(corrupted_logits) if engine == "transformer_lens"
         else run.last_logits.float().softmax(-1).double().mean(0)
     )
     p_clean, p_corrupted = float(p_clean_all[target_id]), float(p_corr_all[target_id])
@@ -199,20 +194,37 @@ def trace(
             clean_length=clean.shape[1], corrupted_length=corrupted.shape[1], versions=versions(),
         ),
     )
+    audited = engine == "fast" and audit
+    cells = []
+    if audited:
+        cells.append(dict(mode="corrupted", fast=p_corrupted, reference=float(_last_probs(corrupted_logits)[target_id])))
     if result.excluded and not trace_excluded:
+        if audited:
+            result.audit = exactness.verdict(cells, model)
         return result
 
     n_layers = model.cfg.n_layers
     denom = p_clean - p_corrupted
+    metric = partial(_target_probability, target=target_id)
     if "layer" in modes:
         lsrc, ldst = aligned_positions(clean, corrupted, layer_positions)
         sweep = layer_wise(n_layers, lsrc, ldst, window=window, kind=kind)
         result.p_layer = _evaluate(model, engine, sweep, clean_cache, corrupted, run, target_id, max_batch)
+        if audited:
+            cells += exactness.recompute(model, "layer-wise", sweep, result.p_layer, exactness.layer_cells(n_layers),
+                                         clean_cache, corrupted, metric, lambda i: dict(layer=i))
         if not result.excluded:
             result.layer_rr = (result.p_layer - p_corrupted) / denom
     if "token" in modes:
         sweep = token_wise(n_layers, src, dst, window=window, kind=kind)
         values = _evaluate(model, engine, sweep, clean_cache, corrupted, run, target_id, max_batch)
+        if audited:
+            picks = exactness.token_cells(n_layers, len(src), seed, first_live_layer=1 if kind == "resid_pre" else 0)
+            cells += exactness.recompute(
+                model, "token-wise", sweep, values, picks, clean_cache, corrupted, metric,
+                lambda i: dict(layer=i // len(src), position=src[i % len(src)],
+                               token=clean.str_tokens[0][src[i % len(src)]]),
+            )
         result.p_token = values.reshape(n_layers, len(src))
         if not result.excluded:
             result.token_rr = (result.p_token - p_corrupted) / denom
@@ -221,4 +233,6 @@ def trace(
                 cols = [column[p] for p in result.segments.get(name, []) if p in column]
                 if cols:
                     result.segment_rr[name] = result.token_rr[:, cols].mean(axis=1).tolist()
+    if audited:
+        result.audit = exactness.verdict(cells, model)
     return result
