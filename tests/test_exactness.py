@@ -64,6 +64,25 @@ def test_audit_off_runs_no_extra_forward(qwen2_audio_model, kept_clip, monkeypat
     assert res.audit is None and calls == []
 
 
+def test_the_fast_engine_does_not_depend_on_how_a_layer_names_its_cache_argument(
+    qwen2_audio_model, kept_clip, monkeypatch
+):
+    """transformers 5.24 renamed `past_key_values` to `cache`; layers that ignore both change nothing here."""
+    model = qwen2_audio_model
+    wave, target, options = kept_clip
+    layer_class = type(model.bridge.blocks[0].original_component)
+    forward = layer_class.forward
+
+    def without_cache(self, *args, **kwargs):
+        kwargs.pop("past_key_values", None), kwargs.pop("cache", None)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "forward", without_cache)
+    fast = act.trace(model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options, audit=False)
+    ref = act.trace(model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options, engine="transformer_lens")
+    assert np.abs(fast.p_token - ref.p_token).max() <= 1e-6 and np.abs(fast.p_layer - ref.p_layer).max() <= 1e-6
+
+
 def _drop_prefix(self, layer, keys, values):
     """The failure transformers 5.24 caused through the bridge: each suffix attends only to itself."""
     return keys, values
@@ -98,6 +117,9 @@ def test_hooks_the_fast_engine_cannot_fire_are_refused_and_the_rest_fire(qwen2_a
     with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: x)]):
         with pytest.raises(UnsupportedHookError, match="blocks.1.attn.hook_pattern.*engine='transformer_lens'"):
             evaluate_fast(model, sweep, cache, corrupted, tid)
+        res = act.trace(model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options, modes=("layer",),
+                        engine="transformer_lens")  # the reference engine fires every hook
+        assert res.p_layer is not None
     last = model.cfg.n_layers - 1
     seen = []
     with model.hooks(fwd_hooks=[(f"blocks.{last}.hook_mlp_out", lambda x, hook: seen.append(x.clone()))]):

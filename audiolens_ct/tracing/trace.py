@@ -154,8 +154,8 @@ def trace(
     names = {get_act_name(kind, layer) for layer in range(model.cfg.n_layers)}
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
-        run = run_corrupted(model, corrupted)
-        corrupted_logits = model(corrupted) if engine == "transformer_lens" or (audit and engine == "fast") else None
+        run = run_corrupted(model, corrupted) if engine == "fast" else None
+        corrupted_logits = model(corrupted) if engine == "transformer_lens" or audit else None
     p_clean_all = _last_probs(clean_logits)
     p_corr_all = (
         _last_probs(corrupted_logits) if engine == "transformer_lens"
