@@ -103,8 +103,9 @@ def prefix_attention(
     # along the query axis (head h = kv_head * groups + g, as transformers' repeat_kv orders them)
     q = query.reshape(batch, kv_heads, groups * q_len, d_head)
     scores = torch.matmul(q, key.transpose(-1, -2)).mul_(d_head**-0.5 if scaling is None else scaling)
-    hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).triu_(diagonal=kv_len - q_len + 1)
-    scores.view(batch, kv_heads, groups, q_len, kv_len).masked_fill_(hidden, float("-inf"))
+    # causal mask: only the block of the queries' own keys (the last q_len columns) has masked entries
+    future = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).triu_(diagonal=1)
+    scores.view(batch, kv_heads, groups, q_len, kv_len)[..., kv_len - q_len :].masked_fill_(future, float("-inf"))
     weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(weights, value).reshape(batch, heads, q_len, d_head)
     return out.transpose(1, 2).contiguous(), None
