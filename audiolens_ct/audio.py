@@ -24,9 +24,12 @@ def load_audio(path: str | Path, sampling_rate: int) -> Float[np.ndarray, " samp
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several unrelated types for bad files
-        raise AudioLoadError(f"{path}: not a readable audio file (soundfile: {exc})") from exc
+        reason = str(exc).replace(f"Error opening {str(path)!r}: ", "")  # soundfile repeats the path
+        raise AudioLoadError(f"{path}: not a readable audio file (soundfile: {reason})") from exc
     if data.shape[0] == 0:
         raise AudioLoadError(f"{path}: the file holds no samples")
+    if not np.isfinite(data).all():
+        raise AudioLoadError(f"{path}: the file holds NaN or infinite samples")
     wave = data.mean(axis=1)
     if rate != sampling_rate:
         wave = librosa.resample(wave, orig_sr=rate, target_sr=sampling_rate)

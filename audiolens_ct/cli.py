@@ -30,17 +30,18 @@ from audiolens_ct.data.prompts import DataError
 from audiolens_ct.data.sakura import load_sakura
 from audiolens_ct.data.sample import Sample
 from audiolens_ct.inputs import InputError
-from audiolens_ct.model import HookedLALM, read_checkpoint_config
+from audiolens_ct.model import HookedLALM, check_device, read_checkpoint_config
 from audiolens_ct.plots import load_runs, static_export_available, write_figures
 from audiolens_ct.ports import CheckpointError, PortError, get_port, port_for_config
 from audiolens_ct.report import write_report
-from audiolens_ct.store import RunMismatchError, RunStore
+from audiolens_ct.store import OutputDirError, RunLockedError, RunMismatchError, RunStore
 from audiolens_ct.sweep import prompts_of, run_sweep, sweep_settings
 from audiolens_ct.tracing import ENGINES, KINDS, MODES, ExactnessError
 from audiolens_ct.tracing.audit import versions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-USER_ERRORS = (CheckpointError, PortError, DataError, InputError, AudioLoadError, RunMismatchError, ExactnessError, OSError)
+USER_ERRORS = (CheckpointError, PortError, DataError, InputError, AudioLoadError, RunMismatchError, RunLockedError,
+               OutputDirError, ExactnessError, OSError)
 
 
 class CliError(ValueError):
@@ -156,6 +157,7 @@ def _model_ref(name: str) -> str:
 def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.max_batch < 1:
         raise CliError(f"--max-batch must be at least 1, got {args.max_batch}")
+    check_device(args.device)
     samples, dataset = _samples(args)
     model_ref = _model_ref(args.model)
     port = get_port(args.port) if args.port else port_for_config(read_checkpoint_config(model_ref), model_ref)
@@ -164,11 +166,13 @@ def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
                    noise_copies=args.noise_copies, transcript_policy=args.transcript_policy)  # fmt: skip
     RunStore(args.out).check(sweep_settings(model_ref, port.name, dataset, **options), prompts_of(samples),
                              versions(), args.accept_versions)  # fmt: skip
-    model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=DTYPES.get(args.dtype))
-    summary = run_sweep(model, samples, args.out, max_batch=args.max_batch, audit=not args.no_audit, dataset=dataset,
-                        command=shlex.join(["audiolens-ct", *argv]), progress=not args.no_progress,
-                        accept_versions=args.accept_versions, **options)  # fmt: skip
-    report = write_report(args.out)
+    command = shlex.join(["audiolens-ct", *argv])
+    with RunStore(args.out).lock(command):  # a second writer is refused here, before the model loads
+        model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=DTYPES.get(args.dtype))
+        summary = run_sweep(model, samples, args.out, max_batch=args.max_batch, audit=not args.no_audit,
+                            dataset=dataset, command=command, progress=not args.no_progress,
+                            accept_versions=args.accept_versions, **options)  # fmt: skip
+        report = write_report(args.out)
     print(
         f"{summary.total} samples: {summary.kept} kept, {summary.excluded} excluded, {summary.errors} errors "
         f"({summary.resumed} from an earlier run); report: {report}"
@@ -209,7 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
     if run_demo is None:
         print("audiolens-ct: the demo is not available yet", file=sys.stderr)
         return 2
-    print(f"demo written to {run_demo(args.out)}")
+    print(f"demo written to {run_demo(args.out).resolve()}")
     return 0
 
 

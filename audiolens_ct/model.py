@@ -72,6 +72,33 @@ def read_checkpoint_config(name_or_path: str) -> dict[str, Any]:
         raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from exc
 
 
+def available_devices() -> list[str]:
+    """The torch devices this installation can run on."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this installation cannot use, before anything is loaded (`InputError` naming what is)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device {device!r} is not a torch device ({exc}); available here: "
+                         f"{', '.join(available_devices())}") from None  # fmt: skip
+    available = available_devices()
+    usable = parsed.type == "cpu" or (
+        f"{parsed.type}:{parsed.index or 0}" in available if parsed.type == "cuda" else parsed.type in available
+    )
+    if not usable:
+        raise InputError(f"device {str(device)!r} is not available to torch {torch.__version__} here; available: "
+                         f"{', '.join(available)}")  # fmt: skip
+
+
 class HookedLALM(nn.Module):
     """An LALM whose text backbone is a TransformerLens `TransformerBridge` and whose audio rows are spliced in.
 
@@ -116,6 +143,7 @@ class HookedLALM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> HookedLALM:
         """Load a checkpoint (hub id or local directory) through its port; the port is inferred from config.json."""
+        check_device(device)
         config = read_checkpoint_config(str(name_or_path))
         resolved = get_port(port) if port is not None else port_for_config(config, str(name_or_path))
         if port is not None and not resolved.matches(config):

@@ -8,27 +8,42 @@ An output directory holds one model's sweep:
 <out>/aggregate.json, <out>/report.html      written from the records (aggregate.py, report.py)
 ```
 
-Every file is written to a temporary file in its own folder and moved into place with `os.replace`, so a crash
-(even SIGKILL) leaves either the whole record or none. A sample with a record is finished; re-running the same
+One process writes to a directory at a time: a writer holds `<out>/.lock` (an operating-system lock, released
+when its process ends, even by SIGKILL), and a second writer is refused at once, naming the first. Every file is
+written to a temporary file in its own folder and moved into place with `os.replace`, so a crash (even SIGKILL)
+leaves either the whole record or none. A sample with a record is finished; re-running the same
 command skips it. The manifest's settings are checked on every run: a run with different settings (another
 corruption, engine, prompt...) refuses to write into the directory instead of mixing results.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
 RECORDS = "records"
+LOCK = ".lock"
 STATUSES = ("kept", "excluded", "error")
+_HELD: dict[Path, int] = {}
+"""Output directories whose lock this process holds, with the lock file's descriptor (the lock is re-entrant)."""
+
+
+class OutputDirError(ValueError):
+    """An output directory that cannot be created or written to."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing to the output directory."""
 
 
 class RunMismatchError(ValueError):
@@ -122,6 +137,50 @@ class RunStore:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    # -- lock -------------------------------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, command: str | None = None) -> Iterator[None]:
+        """Hold the directory's writer lock; raise `RunLockedError` at once, naming the holder, if another process
+        holds it. The lock dies with its process (even SIGKILL), so a killed run never blocks the next one. A
+        directory this call created and nothing else wrote to is removed again on exit."""
+        key = self.root.resolve()
+        if key in _HELD:
+            yield
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputDirError(f"{self.root}: exists and is not a directory; give an output folder")
+        created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputDirError(f"{self.root}: cannot write here ({exc.strerror}); choose another output folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 65536).decode("utf-8", errors="replace")
+            os.close(fd)
+            try:
+                info = json.loads(holder)
+            except json.JSONDecodeError:
+                info = {}
+            raise RunLockedError(
+                f"{self.root} is being written by another audiolens-ct process (pid {info.get('pid', '?')}, since "
+                f"{info.get('started', '?')}: {info.get('command') or '?'}); wait for it to end, or use another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        started = datetime.now(UTC).isoformat(timespec="seconds")
+        os.write(fd, json.dumps({"pid": os.getpid(), "started": started, "command": command}).encode())
+        _HELD[key] = fd
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            if created and [p.name for p in self.root.iterdir()] == [LOCK]:
+                (self.root / LOCK).unlink()
+                self.root.rmdir()
+            os.close(fd)  # releases the lock
 
     # -- manifest ---------------------------------------------------------------------------------------------------
     @property

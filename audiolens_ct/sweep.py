@@ -120,7 +120,7 @@ def run_sweep(
             transformer-lens (refused otherwise).
 
     Raises `store.RunMismatchError` when `out_dir` holds a run with other settings or (see `accept_versions`)
-    other library versions.
+    other library versions, and `store.RunLockedError` when another process is writing to it.
     """
     settings = sweep_settings(
         model.model_name, model.port.name, dataset, corruption, modes, engine, kind, window, seed, noise_scale,
@@ -133,33 +133,39 @@ def run_sweep(
         for variant in variants:
             answer_tokens(model.tokenizer, variant["options"])  # a clash of option tokens fails here, once
     store = RunStore(out_dir)
-    store.open(settings, prompts, versions(), command, accept_versions)
+    with store.lock(command):
+        store.open(settings, prompts, versions(), command, accept_versions)
 
-    counts = {"kept": 0, "excluded": 0, "error": 0}
-    pending = []
-    for sample in samples:
-        record = store.read_record(sample.attribute, sample.id)
-        if record is None or record["status"] == "error" or record["label"] != sample.label:
-            pending.append(sample)
-        else:
-            counts[record["status"]] += 1
-    resumed = len(samples) - len(pending)
-    trace_kwargs = dict(corruption=corruption, modes=settings["modes"], engine=engine, kind=kind, window=window,
-                        seed=seed, noise_scale=noise_scale, noise_copies=noise_copies, transcript_policy=transcript_policy,
-                        max_batch=max_batch, audit=audit)  # fmt: skip
-    bar = tqdm(total=len(samples), initial=resumed, desc=f"tracing {Path(model.model_name).name}", unit="sample",
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
-    with bar:
-        bar.set_postfix(_postfix(counts, resumed))
-        for sample in pending:
-            record = _trace_sample(model, sample, samples, trace_kwargs)
-            store.write_record(record)
-            counts[record["status"]] += 1
-            if record["status"] == "error":
-                tqdm.write(f"error: {sample.attribute} {sample.id}: {record['error']}", file=sys.stderr)
-            bar.set_postfix(_postfix(counts, bar.n + 1), refresh=False)
-            bar.update(1)
+        counts = {"kept": 0, "excluded": 0, "error": 0}
+        pending = []
+        for sample in samples:
+            record = store.read_record(sample.attribute, sample.id)
+            if record is None or record["status"] == "error" or record["label"] != sample.label:
+                pending.append(sample)
+            else:
+                counts[record["status"]] += 1
+        resumed = len(samples) - len(pending)
+        trace_kwargs = dict(corruption=corruption, modes=settings["modes"], engine=engine, kind=kind, window=window,
+                            seed=seed, noise_scale=noise_scale, noise_copies=noise_copies, transcript_policy=transcript_policy,
+                            max_batch=max_batch, audit=audit)  # fmt: skip
+        bar = tqdm(total=len(samples), initial=resumed, desc=f"tracing {Path(model.model_name).name}", unit="sample",
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
+        with bar:
+            bar.set_postfix(_postfix(counts, resumed))
+            for sample in pending:
+                record = _trace_sample(model, sample, samples, trace_kwargs)
+                store.write_record(record)
+                counts[record["status"]] += 1
+                if record["status"] == "error":
+                    tqdm.write(f"error: {_where(sample, record['error'])}{record['error']}", file=sys.stderr)
+                bar.set_postfix(_postfix(counts, bar.n + 1), refresh=False)
+                bar.update(1)
     return SweepSummary(Path(out_dir), len(samples), counts["kept"], counts["excluded"], counts["error"], resumed)
+
+
+def _where(sample: Sample, error: str) -> str:
+    """The prefix of a sample's error line: its attribute, and its id unless the message starts with it."""
+    return f"{sample.attribute}: " if error.startswith(sample.id) else f"{sample.attribute} {sample.id}: "
 
 
 def _postfix(counts: dict[str, int], done: int) -> dict[str, int]:

@@ -194,8 +194,15 @@ def test_bad_input_ends_in_one_line_and_exit_code_2(tiny_dir, data, tmp_path, ca
     bad_manifest = tmp_path / "bad.jsonl"
     bad_manifest.write_text('{"audio": "a.wav", "attribute": "gender", "label": "male"}\n{not json\n')
     out = tmp_path / "out"
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
     cases = [
         (trace_args(tmp_path / "no-model", data["github"], out), "no such checkpoint directory"),
+        *[(trace_args(tiny_dir, data["github"], out, "--device", device), "is not available to torch")
+          for device in ("mps", "cuda:7") + (() if torch.cuda.is_available() else ("cuda",))],
+        (trace_args(tiny_dir, data["github"], out, "--device", "gpu"), "'gpu' is not a torch device"),
+        (trace_args(tiny_dir, data["github"], a_file), "out.txt: exists and is not a directory"),
+        (trace_args(tiny_dir, data["github"], a_file / "run"), "cannot write here (Not a directory)"),
         (trace_args(tiny_dir, tmp_path / "no-data", out), "SAKURA folder not found"),
         (trace_args(tiny_dir, data["github"], out, "--attributes", "colour"), "unknown attribute 'colour'"),
         (trace_args(tiny_dir, None, out, "--manifest", str(bad_manifest)), "bad.jsonl:2: not valid JSON"),
@@ -248,6 +255,40 @@ def test_records_keep_the_audit_and_no_audit_turns_it_off(tiny_dir, data, refere
     assert cli.main(trace_args(tiny_dir, data["github"], out, "--no-audit")) == 0
     records = [json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")]
     assert all(r["result"]["audit"] is None for r in records if r["status"] == "kept")
+
+
+HOLD_LOCK = """
+import sys
+from audiolens_ct.store import RunStore
+with RunStore(sys.argv[1]).lock("audiolens-ct trace holder"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_writer_is_refused_before_loading_and_a_killed_writer_blocks_nothing(tiny_dir, data, tmp_path,
+                                                                                     capsys, monkeypatch):  # fmt: skip
+    out = tmp_path / "shared-out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        def must_not_load(*args, **kwargs):
+            raise AssertionError("the model was loaded although the directory is locked")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(cli.HookedLALM, "from_pretrained", must_not_load)
+            assert cli.main(trace_args(tiny_dir, data["github"], out, "--corruption", "noise")) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and "audiolens-ct trace holder" in err and "another --out" in err
+        assert err.count("\n") == 1 and not (out / "manifest.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind, the lock itself dies with the process
+        holder.wait()
+    assert (out / ".lock").exists()
+    assert cli.main(trace_args(tiny_dir, data["github"], out)) == 0
+    assert len(record_names(out)) == N_SAMPLES
 
 
 def test_plot_overlays_runs_and_report_rewrites_the_page(reference, tmp_path, capsys):

@@ -20,6 +20,7 @@ from audiolens_ct.data import (
     make_track,
     write_synthetic_sakura,
 )
+from audiolens_ct.data.sample import make_sample
 
 RATE = 16000
 
@@ -172,7 +173,7 @@ def test_sakura_errors_name_the_path_column_or_attribute(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'}: SAKURA folder not found"):
         load_sakura(tmp_path / "nowhere")
     with pytest.raises(
-        DataError, match="holds none of the SAKURA track folders Animal, Emotion, Gender, Language"
+        DataError, match="holds none of the SAKURA track folders Animal, Emotion, Gender, Language; .* --manifest FILE"
     ):
         load_sakura(tmp_path)
     (tmp_path / "Gender").mkdir()
@@ -202,8 +203,22 @@ def test_missing_audio_is_recorded_and_corrupt_audio_fails_on_load_naming_the_fi
     gone, bad = load_sakura(tmp_path)
     assert gone.error == f"{track_dir / 'audio' / 'gone.wav'}: no such audio file"
     assert bad.ok
-    with pytest.raises(AudioLoadError, match=r"bad\.wav: not a readable audio file \(soundfile: "):
+    with pytest.raises(AudioLoadError, match=r"bad\.wav: not a readable audio file \(soundfile: ") as err:
         bad.load(RATE)
+    assert str(err.value).count("bad.wav") == 1  # soundfile's own message names the file again; said once
+
+
+def test_nan_audio_is_refused_naming_the_file_or_the_sample(tmp_path):
+    wave = _tone(0.2, 440)
+    wave[100] = np.nan
+    sf.write(tmp_path / "nan.wav", wave, RATE, subtype="FLOAT")
+    (from_file,) = load_manifest(_write_csv(tmp_path / "m.csv", [{"audio": "nan.wav", "attribute": "gender",
+                                                                  "label": "male"}]))  # fmt: skip
+    with pytest.raises(AudioLoadError, match=r"nan\.wav: the file holds NaN or infinite samples"):
+        from_file.load(RATE)
+    in_memory = make_sample(TRACKS["gender"], "clip-7", "male", waveform=wave, waveform_rate=RATE)
+    with pytest.raises(AudioLoadError, match="sample clip-7: the waveform holds NaN or infinite samples"):
+        in_memory.load(RATE)
 
 
 # -- SAKURA as a Hugging Face dataset -----------------------------------------------------------------------------
@@ -346,6 +361,21 @@ def test_malformed_manifests_raise_naming_file_and_line(tmp_path, name, text, me
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=message):
         load_manifest(tmp_path / name)
+
+
+def test_latin1_manifests_and_metadata_are_refused_naming_the_file_and_byte_offset(tmp_path):
+    text = "audio,attribute,label,prompt\nb\xe9b\xe9.wav,gender,male,\n"
+    (tmp_path / "m.csv").write_bytes(text.encode("latin-1"))
+    (tmp_path / "m.jsonl").write_bytes('{"audio": "\xe9.wav", "attribute": "gender", "label": "male"}\n'.encode("latin-1"))
+    for name, offset in (("m.csv", 30), ("m.jsonl", 11)):
+        with pytest.raises(DataError, match=rf"{name}: not UTF-8 text \(byte 0xe9 at offset {offset}\); save it as UTF-8"):
+            load_manifest(tmp_path / name)
+    (tmp_path / "Gender").mkdir()
+    (tmp_path / "Gender" / "metadata.csv").write_bytes("file,attribute_label\nh\xe9.wav,male\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"Gender/metadata\.csv: not UTF-8 text \(byte 0xe9 at offset 22\)"):
+        load_sakura(tmp_path)
+    (tmp_path / "u.csv").write_text("\ufeff" + text, encoding="utf-8")  # UTF-8 with a byte-order mark reads fine
+    assert load_manifest(tmp_path / "u.csv")[0].id == "b\xe9b\xe9.wav"
 
 
 def test_missing_manifest_is_named(tmp_path):

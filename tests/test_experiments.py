@@ -16,7 +16,7 @@ from audiolens_ct.data.sample import make_sample
 from audiolens_ct.inputs import InputError
 from audiolens_ct.plots import Run, layer_rr_figure, segment_rr_figure, token_rr_heatmap
 from audiolens_ct.report import write_report
-from audiolens_ct.store import RunMismatchError, RunStore, file_stem
+from audiolens_ct.store import RunMismatchError, RunStore, atomic_write_json, file_stem
 from audiolens_ct.sweep import run_sweep
 from audiolens_ct.testing import tone
 from audiolens_ct.tracing import TraceResult
@@ -142,6 +142,16 @@ def test_manifest_refuses_other_library_versions_unless_accepted(tmp_path):
         store.open(settings, {}, newer, "second")
     manifest = store.open(settings, {}, newer, "second", accept_versions=True)
     assert manifest["versions"] == made and manifest["invocations"][-1]["versions"] == newer
+
+
+def test_the_lock_is_reentrant_in_a_process_and_leaves_no_directory_it_did_not_fill(tmp_path):
+    out = tmp_path / "new"
+    with RunStore(out).lock("one"), RunStore(out).lock("the same process again"):
+        assert json.loads((out / ".lock").read_text())["command"] == "one"
+    assert not out.exists()  # created for the lock, nothing written: removed again
+    with RunStore(out).lock("two"):
+        atomic_write_json(out / "manifest.json", {})
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json"]
 
 
 def runs():

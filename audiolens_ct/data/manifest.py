@@ -18,6 +18,7 @@ sample's `error`, so a sweep can report it and go on.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,8 +55,21 @@ def load_manifest(path: str | Path) -> list[Sample]:
     return samples
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file (a byte-order mark is dropped); other encodings are refused with the byte offset
+    of the first byte that is not UTF-8, rather than guessed."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}"
+        ) from None
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_utf8(path), newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
@@ -77,22 +91,21 @@ def _split_options(text: str) -> list[str]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
-            options = row.get("options")
-            if options is not None and not (
-                isinstance(options, list) and all(isinstance(option, str) for option in options)
-            ):
-                raise DataError(f"{path}:{line}: 'options' must be a list of strings, got {options!r}")
-            yield line, row
+    for line, text in enumerate(read_utf8(path).split("\n"), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+        options = row.get("options")
+        if options is not None and not (
+            isinstance(options, list) and all(isinstance(option, str) for option in options)
+        ):
+            raise DataError(f"{path}:{line}: 'options' must be a list of strings, got {options!r}")
+        yield line, row
 
 
 def _sample(row: dict[str, Any], path: Path, line: int) -> Sample:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from audiolens_ct.data.manifest import read_utf8
 from audiolens_ct.data.prompts import ATTRIBUTES, DataError, Track, get_track
 from audiolens_ct.data.sample import Sample, make_sample
 
@@ -50,7 +51,9 @@ def load_sakura(
         wanted = [a for a in ATTRIBUTES if (base / TRACK_FOLDERS[a]).is_dir()]
         if not wanted:
             raise DataError(
-                f"{root}: holds none of the SAKURA track folders {', '.join(TRACK_FOLDERS.values())}"
+                f"{root}: holds none of the SAKURA track folders {', '.join(TRACK_FOLDERS.values())}; for clips of "
+                "your own, list them in a CSV or JSON Lines manifest (columns audio, attribute, label) and pass "
+                "--manifest FILE (Python: load_manifest)"
             )
     else:
         wanted = [
@@ -70,7 +73,7 @@ def _read_track(folder: Path, track: Track, limit: int | None) -> list[Sample]:
         raise DataError(
             f"{meta}: metadata file not found (both SAKURA layouts keep one in each track folder)"
         )
-    with open(meta, newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_utf8(meta), newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         if "file_name" in columns:

@@ -63,6 +63,8 @@ class Sample:
             raise AudioLoadError(
                 f"sample {self.id}: the waveform has shape {wave.shape}, expected a 1-D clip"
             )
+        if not np.isfinite(wave).all():
+            raise AudioLoadError(f"sample {self.id}: the waveform holds NaN or infinite samples")
         if self.waveform_rate != sampling_rate:
             import librosa
 
