@@ -21,27 +21,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from audiolens_ct.choices import CORRUPTIONS, DTYPES, ENGINES, KINDS, MODES, TRANSCRIPT_POLICIES
 
-from audiolens_ct.audio import AudioLoadError
-from audiolens_ct.corruption import CORRUPTIONS, TRANSCRIPT_POLICIES
-from audiolens_ct.data.manifest import load_manifest
-from audiolens_ct.data.prompts import DataError
-from audiolens_ct.data.sakura import load_sakura
-from audiolens_ct.data.sample import Sample
-from audiolens_ct.inputs import InputError
-from audiolens_ct.model import HookedLALM, check_device, read_checkpoint_config
-from audiolens_ct.plots import load_runs, static_export_available, write_figures
-from audiolens_ct.ports import CheckpointError, PortError, get_port, port_for_config
-from audiolens_ct.report import write_report
-from audiolens_ct.store import OutputDirError, RunLockedError, RunMismatchError, RunStore
-from audiolens_ct.sweep import prompts_of, run_sweep, sweep_settings
-from audiolens_ct.tracing import ENGINES, KINDS, MODES, ExactnessError
-from audiolens_ct.tracing.audit import versions
+# The parser is built from `choices` alone; each command imports what it needs (torch among it) only after the
+# arguments parsed, so `--help` and argument errors answer at once.
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-USER_ERRORS = (CheckpointError, PortError, DataError, InputError, AudioLoadError, RunMismatchError, RunLockedError,
-               OutputDirError, ExactnessError, OSError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or environment: one line and exit code 2, never a traceback."""
+    from audiolens_ct.audio import AudioLoadError
+    from audiolens_ct.data.prompts import DataError
+    from audiolens_ct.inputs import InputError
+    from audiolens_ct.ports import CheckpointError, PortError
+    from audiolens_ct.store import OutputDirError, RunLockedError, RunMismatchError
+    from audiolens_ct.tracing import ExactnessError
+
+    return (CheckpointError, PortError, DataError, InputError, AudioLoadError, RunMismatchError, RunLockedError,
+            OutputDirError, ExactnessError, OSError)  # fmt: skip
 
 
 class CliError(ValueError):
@@ -88,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for models that read an ASR transcript (DeSTA): the one the corrupted run reads "
                        "(default: %(default)s)")  # fmt: skip
     trace.add_argument("--device", help="torch device, e.g. cuda or cpu (default: the port's choice)")
-    trace.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the port's choice)")
+    trace.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: the port's choice)")
     trace.add_argument("--limit", type=int, help="at most this many samples per attribute, in data order")
     trace.add_argument("--seed", type=int, default=0,
                        help="seed of the noise corruption and of swap partners (default: %(default)s)")  # fmt: skip
@@ -118,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _samples(args: argparse.Namespace) -> tuple[list[Sample], dict[str, str]]:
+def _samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, str]]:
     """The samples asked for, and a description of their source for the run manifest."""
+    from audiolens_ct.data.manifest import load_manifest
+    from audiolens_ct.data.prompts import DataError
+    from audiolens_ct.data.sakura import load_sakura
+
     if (args.data is None) == (args.manifest is None):
         raise CliError("give either a SAKURA data folder or --manifest FILE (exactly one)")
     if args.limit is not None and args.limit < 1:
@@ -155,6 +155,15 @@ def _model_ref(name: str) -> str:
 
 
 def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import torch
+
+    from audiolens_ct.model import HookedLALM, check_device, read_checkpoint_config
+    from audiolens_ct.ports import get_port, port_for_config
+    from audiolens_ct.report import write_report
+    from audiolens_ct.store import RunStore
+    from audiolens_ct.sweep import prompts_of, run_sweep, sweep_settings
+    from audiolens_ct.tracing.audit import versions
+
     if args.max_batch < 1:
         raise CliError(f"--max-batch must be at least 1, got {args.max_batch}")
     check_device(args.device)
@@ -168,7 +177,7 @@ def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
                              versions(), args.accept_versions)  # fmt: skip
     command = shlex.join(["audiolens-ct", *argv])
     with RunStore(args.out).lock(command):  # a second writer is refused here, before the model loads
-        model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=DTYPES.get(args.dtype))
+        model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
         summary = run_sweep(model, samples, args.out, max_batch=args.max_batch, audit=not args.no_audit,
                             dataset=dataset, command=command, progress=not args.no_progress,
                             accept_versions=args.accept_versions, **options)  # fmt: skip
@@ -187,6 +196,8 @@ def _run_dirs(paths: Sequence[Path]) -> None:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from audiolens_ct.plots import load_runs, static_export_available, write_figures
+
     _run_dirs(args.runs)
     if args.static and not static_export_available():
         raise CliError(f"--static {' '.join(args.static)} needs the kaleido package (pip install kaleido)")
@@ -196,6 +207,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from audiolens_ct.report import write_report
+
     _run_dirs(args.runs)
     for path in args.runs:
         print(f"wrote {write_report(path)}")
@@ -221,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 on success, 2 for bad input, 130 when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    user_errors = _user_errors()
     try:
         if args.command == "trace":
             return _trace(args, argv)
@@ -229,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         return _demo(args)
-    except (CliError, *USER_ERRORS) as exc:
+    except (CliError, *user_errors) as exc:
         print(f"audiolens-ct: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,10 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from audiolens_ct.choices import CORRUPTIONS, TRANSCRIPT_POLICIES
 from audiolens_ct.inputs import InputError, LALMInput
-
-CORRUPTIONS = ("silence", "noise", "swap")
-TRANSCRIPT_POLICIES = ("clean", "corrupted")
 
 
 def _transcript_overrides(clean: LALMInput, policy: str) -> dict[str, Any]:

@@ -25,13 +25,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from audiolens_ct.audio import AudioLoadError
+from audiolens_ct.choices import MODES
 from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.data.prompts import DataError
 from audiolens_ct.data.sample import Sample
 from audiolens_ct.inputs import InputError
 from audiolens_ct.store import RunStore
 from audiolens_ct.tracing.audit import versions
-from audiolens_ct.tracing.trace import MODES, check_options, trace
+from audiolens_ct.tracing.trace import check_options, trace
 
 SAMPLE_ERRORS = (AudioLoadError, InputError, DataError)
 """Problems of one sample's data: recorded in its error record. Anything else is a bug and stops the sweep."""

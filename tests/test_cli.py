@@ -233,12 +233,12 @@ def test_a_directory_traced_with_other_library_versions_is_refused_unless_accept
     shutil.copytree(reference, out)
     manifest = json.loads((out / "manifest.json").read_text())
     installed = manifest["versions"]["transformers"]
-    manifest["versions"]["transformers"] = "5.23.0"
+    manifest["versions"]["transformers"] = "5.0.0"
     (out / "manifest.json").write_text(json.dumps(manifest))
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert cli.main(trace_args(tiny_dir, data["github"], out)) == 2
     err = capsys.readouterr().err
-    assert f"transformers 5.23.0 -> {installed}" in err and "new --out" in err and "--accept-versions" in err
+    assert f"transformers 5.0.0 -> {installed}" in err and "new --out" in err and "--accept-versions" in err
     assert err.count("\n") == 1
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before anything was written
     assert cli.main(trace_args(tiny_dir, data["github"], out, "--accept-versions")) == 0
@@ -278,7 +278,7 @@ def test_a_second_writer_is_refused_before_loading_and_a_killed_writer_blocks_no
             raise AssertionError("the model was loaded although the directory is locked")
 
         with monkeypatch.context() as patch:
-            patch.setattr(cli.HookedLALM, "from_pretrained", must_not_load)
+            patch.setattr(act.HookedLALM, "from_pretrained", must_not_load)
             assert cli.main(trace_args(tiny_dir, data["github"], out, "--corruption", "noise")) == 2
         err = capsys.readouterr().err
         assert f"pid {holder.pid}" in err and "audiolens-ct trace holder" in err and "another --out" in err
@@ -316,6 +316,24 @@ def test_demo_runs_when_present_and_says_so_when_not(monkeypatch, tmp_path, caps
     monkeypatch.setitem(sys.modules, "audiolens_ct.demo", fake)
     assert cli.main(["demo", "--out", str(tmp_path)]) == 0
     assert calls == [tmp_path] and str(tmp_path / "report.html") in capsys.readouterr().out
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_a_model_library():
+    """`audiolens-ct --help` answers at once: the parser needs only `audiolens_ct.choices`."""
+    probe = (
+        "import sys\n"
+        "from audiolens_ct import cli\n"
+        "for argv in (['--help'], ['trace', '--help'], ['trace', 'm', '--kind', 'bogus']):\n"
+        "    try:\n"
+        "        cli.build_parser().parse_args(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'transformer_lens', 'numpy') if m in sys.modules)\n"
+        "print(','.join(heavy) or 'none')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "none"
 
 
 def test_help_explains_every_trace_option(capsys):

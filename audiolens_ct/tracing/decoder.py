@@ -30,7 +30,7 @@ from torch import nn
 from transformer_lens.utilities import get_act_name
 from transformers import AttentionInterface
 
-from audiolens_ct.tracing.sweep import KINDS
+from audiolens_ct.choices import KINDS
 
 ATTENTION_NAME = "audiolens_ct_prefix_kv"
 """The name under which the prefix-aware attention function is registered with transformers."""

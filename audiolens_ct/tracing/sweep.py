@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+from audiolens_ct.choices import KINDS
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import torch
 from transformer_lens.utilities import get_act_name
 
 from audiolens_ct.audio import as_waveform
-from audiolens_ct.corruption import CORRUPTIONS, TRANSCRIPT_POLICIES, corrupt
+from audiolens_ct.choices import CORRUPTIONS, ENGINES, KINDS, MODES, TRANSCRIPT_POLICIES
+from audiolens_ct.corruption import corrupt
 from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.inputs import SEGMENT_NAMES, InputError, LALMInput
 from audiolens_ct.tracing import audit as exactness
@@ -30,10 +31,7 @@ from audiolens_ct.tracing.audit import versions
 from audiolens_ct.tracing.engine_fast import evaluate_fast, run_corrupted
 from audiolens_ct.tracing.engine_reference import evaluate_reference
 from audiolens_ct.tracing.result import TraceResult
-from audiolens_ct.tracing.sweep import KINDS, Sweep, layer_wise, token_wise
-
-ENGINES = ("fast", "transformer_lens")
-MODES = ("layer", "token")
+from audiolens_ct.tracing.sweep import Sweep, layer_wise, token_wise
 
 
 def check_options(

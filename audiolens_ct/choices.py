@@ -1,0 +1,12 @@
+"""The values each tracing option may take, in one module that imports nothing heavy.
+
+The command line builds its parser from these before anything imports torch, so `audiolens-ct --help` and argument
+errors answer at once.
+"""
+
+CORRUPTIONS = ("silence", "noise", "swap")
+TRANSCRIPT_POLICIES = ("clean", "corrupted")
+ENGINES = ("fast", "transformer_lens")
+MODES = ("layer", "token")
+KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+DTYPES = ("float32", "bfloat16", "float16")
