@@ -12,11 +12,16 @@ COMPAT := .venv-transformers-$(TRANSFORMERS)
 .PHONY: demo test test-compat lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) pip
-	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev]"
-	touch $(STAMP)
+	@echo "[1/4] Python environment: $(VENV)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "[2/4] pip, at the tested version"
+	@$(PIP) pip
+	@echo "[3/4] torch 2.13.0 (kept if already installed; see README: Installing torch)"
+	@$(PIP) torch==2.13.0
+	@echo "[4/4] audiolens-ct and its dependencies, exactly as in constraints.txt (a few minutes the first time)"
+	@$(PIP) -e ".[dev]"
+	@touch $(STAMP)
+	@echo "environment ready: $(VENV)"
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/audiolens-ct demo --out runs/demo
