@@ -4,7 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PIP := $(BIN)/python -m pip install -q -c constraints.txt
+# -qq: pip prints errors only; each step says what it does in one line of its own
+PIP := $(BIN)/python -m pip install -qq -c constraints.txt
 # `make test-compat TRANSFORMERS=x.y.z`: the tracing and exactness tests with another transformers release
 TRANSFORMERS ?= 5.23.0
 COMPAT := .venv-transformers-$(TRANSFORMERS)

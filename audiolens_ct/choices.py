@@ -10,3 +10,6 @@ ENGINES = ("fast", "transformer_lens")
 MODES = ("layer", "token")
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
+LONG_AUDIO = ("truncate", "skip", "error")
+"""What a sweep does with a clip longer than the model's audio window: trace what the model hears (its first
+`Port.audio_window` seconds, as the model's own processor cuts it), record it as an error, or refuse the run."""

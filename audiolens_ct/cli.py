@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from audiolens_ct.choices import CORRUPTIONS, DTYPES, ENGINES, KINDS, MODES, TRANSCRIPT_POLICIES
+from audiolens_ct.choices import CORRUPTIONS, DTYPES, ENGINES, KINDS, LONG_AUDIO, MODES, TRANSCRIPT_POLICIES
 
 # The parser is built from `choices` alone; each command imports what it needs (torch among it) only after the
 # arguments parsed, so `--help` and argument errors answer at once.
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--transcript-policy", choices=TRANSCRIPT_POLICIES, default="clean",
                        help="for models that read an ASR transcript (DeSTA): the one the corrupted run reads "
                        "(default: %(default)s)")  # fmt: skip
+    trace.add_argument("--long-audio", choices=LONG_AUDIO, default="truncate",
+                       help="a clip longer than the model's audio window (30 s for Qwen2-Audio, Qwen-Audio, DeSTA): "
+                       "trace the part the model hears (truncate, with a warning), record it as an error (skip), or "
+                       "refuse the run (error) (default: %(default)s)")  # fmt: skip
     trace.add_argument("--device", help="torch device, e.g. cuda or cpu (default: the port's choice)")
     trace.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: the port's choice)")
     trace.add_argument("--limit", type=int, help="at most this many samples per attribute, in data order")
@@ -161,7 +165,7 @@ def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from audiolens_ct.ports import get_port, port_for_config
     from audiolens_ct.report import write_report
     from audiolens_ct.store import RunStore
-    from audiolens_ct.sweep import prompts_of, run_sweep, sweep_settings
+    from audiolens_ct.sweep import longer_than_window, prompts_of, run_sweep, sweep_settings
     from audiolens_ct.tracing.audit import versions
 
     if args.max_batch < 1:
@@ -172,9 +176,11 @@ def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
     port = get_port(args.port) if args.port else port_for_config(read_checkpoint_config(model_ref), model_ref)
     options = dict(corruption=args.corruption, modes=args.modes, engine=args.engine, kind=args.kind,
                    window=args.window, seed=args.seed, noise_scale=args.noise_scale,
-                   noise_copies=args.noise_copies, transcript_policy=args.transcript_policy)  # fmt: skip
+                   noise_copies=args.noise_copies, transcript_policy=args.transcript_policy,
+                   long_audio=args.long_audio)  # fmt: skip
     RunStore(args.out).check(sweep_settings(model_ref, port.name, dataset, **options), prompts_of(samples),
                              versions(), args.accept_versions)  # fmt: skip
+    longer_than_window(samples, port, args.long_audio)  # --long-audio error: refused before the model loads
     command = shlex.join(["audiolens-ct", *argv])
     with RunStore(args.out).lock(command):  # a second writer is refused here, before the model loads
         model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)

@@ -79,12 +79,15 @@ class Port:
         hf_ids: example hub ids, for docs and error messages.
         sampling_rate: the waveform rate the audio front-end expects.
         architectures: `config.architectures` / `config.model_type` values this port loads.
+        audio_window: the seconds of audio the model hears: its processor cuts a longer clip to its first
+            `audio_window` seconds (None: no limit in this port).
     """
 
     name: ClassVar[str] = ""
     hf_ids: ClassVar[tuple[str, ...]] = ()
     sampling_rate: ClassVar[int] = 16000
     architectures: ClassVar[tuple[str, ...]] = ()
+    audio_window: ClassVar[float | None] = None
 
     # -- loading -----------------------------------------------------------------------------------------------------
     def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from audiolens_ct.audio import AudioLoadError
-from audiolens_ct.choices import MODES
+from audiolens_ct.choices import LONG_AUDIO, MODES
 from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.data.prompts import DataError
 from audiolens_ct.data.sample import Sample
@@ -63,14 +63,17 @@ def sweep_settings(
     noise_scale: float = 3.0,
     noise_copies: int = 10,
     transcript_policy: str = "clean",
+    long_audio: str = "truncate",
 ) -> dict[str, Any]:
     """The settings a run is identified by (checked on resume); unknown values raise `InputError` here."""
     check_options(corruption, modes, engine, kind, window, transcript_policy, noise_scale, noise_copies)
+    if long_audio not in LONG_AUDIO:
+        raise InputError(f"unknown long-audio policy {long_audio!r}; use one of {', '.join(LONG_AUDIO)}")
     noisy = corruption == "noise"
     return dict(
         model=model_name, port=port, dataset=dataset, corruption=corruption, engine=engine, kind=kind, window=window,
         modes=[m for m in MODES if m in modes], seed=seed, noise_scale=noise_scale if noisy else None,
-        noise_copies=noise_copies if noisy else None, transcript_policy=transcript_policy,
+        noise_copies=noise_copies if noisy else None, transcript_policy=transcript_policy, long_audio=long_audio,
     )  # fmt: skip
 
 
@@ -99,6 +102,7 @@ def run_sweep(
     noise_scale: float = 3.0,
     noise_copies: int = 10,
     transcript_policy: str = "clean",
+    long_audio: str = "truncate",
     max_batch: int = 64,
     audit: bool = True,
     dataset: Any = None,
@@ -117,6 +121,10 @@ def run_sweep(
         command: the command line, kept in the manifest.
         progress: show a tqdm bar (postfix: done, kept, excluded, errors). Each error is printed to stderr anyway.
 
+        long_audio: a clip longer than the model's audio window (`Port.audio_window`) is traced as the model
+            hears it, its first seconds ("truncate", with one warning per run), recorded as an error ("skip"), or
+            the whole run is refused before anything is written ("error"). Every record keeps the clip's
+            `audio` source (seconds, sample rate, channels) and `heard_seconds`.
         accept_versions: resume a directory traced with other versions of audiolens-ct, torch, transformers or
             transformer-lens (refused otherwise).
 
@@ -125,10 +133,11 @@ def run_sweep(
     """
     settings = sweep_settings(
         model.model_name, model.port.name, dataset, corruption, modes, engine, kind, window, seed, noise_scale,
-        noise_copies, transcript_policy,
+        noise_copies, transcript_policy, long_audio,
     )
     settings["dtype"] = str(next(model.hf_model.parameters()).dtype).removeprefix("torch.")
     _check_unique(samples)
+    too_long = longer_than_window(samples, model.port, long_audio)
     prompts = prompts_of(samples)
     for variants in prompts.values():
         for variant in variants:
@@ -153,8 +162,14 @@ def run_sweep(
                    disable=not progress, dynamic_ncols=True)  # fmt: skip
         with bar:
             bar.set_postfix(_postfix(counts, resumed))
+            if too_long and long_audio == "truncate":
+                tqdm.write(
+                    f"warning: {len(too_long)} clip(s) are longer than {model.port.name}'s "
+                    f"{model.port.audio_window:g}-s audio window; the model hears only their first seconds, and so "
+                    "does the trace (records: heard_seconds; --long-audio skip|error to change this)", file=sys.stderr,
+                )  # fmt: skip
             for sample in pending:
-                record = _trace_sample(model, sample, samples, trace_kwargs)
+                record = _trace_sample(model, sample, samples, trace_kwargs, long_audio)
                 store.write_record(record)
                 counts[record["status"]] += 1
                 if record["status"] == "error":
@@ -181,14 +196,38 @@ def _check_unique(samples: Sequence[Sample]) -> None:
         seen.add((s.attribute, s.id))
 
 
-def _trace_sample(model: Any, sample: Sample, samples: Sequence[Sample], trace_kwargs: dict[str, Any]) -> dict[str, Any]:
+def longer_than_window(samples: Sequence[Sample], port: Any, long_audio: str) -> list[Sample]:
+    """The traceable samples whose clip is longer than the port's audio window (read from the files' headers);
+    with `long_audio="error"`, any such clip is refused here (`DataError`)."""
+    if port.audio_window is None:
+        return []
+    found = [s for s in samples if s.ok and (source := s.source()) and source["seconds"] > port.audio_window + 1e-9]
+    if found and long_audio == "error":
+        raise DataError(
+            f"{len(found)} clip(s) are longer than {port.name}'s {port.audio_window:g}-s audio window (first: "
+            f"{found[0].attribute} {found[0].id}, {found[0].source()['seconds']:.1f} s); cut them, or pass "
+            "--long-audio truncate (trace what the model hears) or skip"
+        )
+    return found
+
+
+def _trace_sample(
+    model: Any, sample: Sample, samples: Sequence[Sample], trace_kwargs: dict[str, Any], long_audio: str
+) -> dict[str, Any]:
     """One sample's record; a data problem becomes an `error` record with its message."""
+    source = sample.source() if sample.ok else None
+    window = model.port.audio_window
     record: dict[str, Any] = dict(
         sample_id=sample.id, attribute=sample.attribute, label=sample.label,
-        audio=str(sample.audio_path) if sample.audio_path is not None else None,
+        audio=str(sample.audio_path) if sample.audio_path is not None else None, audio_source=source,
+        heard_seconds=None if source is None else min(source["seconds"], window or float("inf")),
         status="error", error=sample.error, swap_with=None, seconds=None, result=None,
     )  # fmt: skip
     if sample.error is not None:
+        return record
+    if long_audio == "skip" and source is not None and window is not None and source["seconds"] > window + 1e-9:
+        record["error"] = (f"the clip is {source['seconds']:.1f} s, longer than {model.port.name}'s {window:g}-s "
+                           "audio window; skipped (--long-audio skip)")  # fmt: skip
         return record
     start = time.perf_counter()
     rate = model.port.sampling_rate

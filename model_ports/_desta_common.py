@@ -215,6 +215,7 @@ class DestaPortBase(Port):
     """What both DeSTA ports do alike: the backbone shell and the connector rows."""
 
     sampling_rate = SAMPLING_RATE
+    audio_window = 30.0  # Whisper features (and its transcript) cover the first 30 s of a clip
 
     def backbone(self, hf_model: nn.Module) -> Backbone:
         llm = hf_model.llm

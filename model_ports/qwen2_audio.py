@@ -35,6 +35,7 @@ class Qwen2AudioPort(Port):
     hf_ids = ("Qwen/Qwen2-Audio-7B-Instruct", "Qwen/Qwen2-Audio-7B")
     sampling_rate = 16000
     architectures = ("Qwen2AudioForConditionalGeneration", "qwen2_audio")
+    audio_window = 30.0  # the Whisper-style feature extractor pads or cuts every clip to 30 s
 
     def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
         model = Qwen2AudioForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)

@@ -665,6 +665,7 @@ class QwenAudioPort(Port):
     hf_ids = ("Qwen/Qwen-Audio-Chat", "Qwen/Qwen-Audio")
     sampling_rate = SAMPLING_RATE
     architectures = ("QWenLMHeadModel", "qwen")
+    audio_window = 30.0  # the Whisper-style feature extractor pads or cuts every clip to 30 s
 
     def matches(self, config: dict[str, Any]) -> bool:
         """A QWen v1 config with an `audio` section (plain Qwen-7B and Qwen-VL have none)."""

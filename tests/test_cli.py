@@ -343,6 +343,6 @@ def test_help_explains_every_trace_option(capsys):
     text = capsys.readouterr().out
     for option in ("--port", "--manifest", "--attributes", "--corruption", "--modes", "--engine", "--kind", "--window",
                    "--device", "--dtype", "--out", "--limit", "--seed", "--max-batch", "--no-audit",
-                   "--accept-versions"):  # fmt: skip
+                   "--accept-versions", "--long-audio"):  # fmt: skip
         assert option in text
     assert "(default: resid_pre)" in text

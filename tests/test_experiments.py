@@ -11,7 +11,7 @@ import torch
 import audiolens_ct.sweep as sweep_module
 from audiolens_ct.aggregate import aggregate_records, aggregate_run, summarise
 from audiolens_ct.data.answers import answer_tokens
-from audiolens_ct.data.prompts import TRACKS, make_track
+from audiolens_ct.data.prompts import TRACKS, DataError, make_track
 from audiolens_ct.data.sample import make_sample
 from audiolens_ct.inputs import InputError
 from audiolens_ct.plots import Run, layer_rr_figure, segment_rr_figure, token_rr_heatmap
@@ -237,3 +237,31 @@ def test_sweep_records_every_sample_resumes_and_swaps_in_another_label(tmp_path,
     with pytest.raises(InputError, match="distinct tokens"):
         run_sweep(model, [make_sample(clash, "a", "cat", audio_path=tmp_path / "a.wav")], tmp_path / "clash")
     assert not (tmp_path / "clash").exists()  # refused once, before any record
+
+
+def test_clips_longer_than_the_audio_window_are_recorded_and_warned_skipped_or_refused(tmp_path, qwen2_audio_model,
+                                                                                       capsys):  # fmt: skip
+    model, track = qwen2_audio_model, TRACKS["gender"]
+    assert model.port.audio_window == 30.0
+    sf.write(tmp_path / "short.wav", tone(1.0, 250), 16000)
+    long_wave = tone(31.0, 250, rate=22050)
+    sf.write(tmp_path / "long.wav", np.stack([long_wave, long_wave], axis=1), 22050)  # 31 s, stereo, 22.05 kHz
+    samples = [make_sample(track, name, "male", audio_path=tmp_path / f"{name}.wav") for name in ("short", "long")]
+
+    run_sweep(model, samples, tmp_path / "truncate", modes=("layer",), progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning: 1 clip(s) are longer than qwen2-audio's 30-s audio window") == 1
+    store = RunStore(tmp_path / "truncate")
+    long = store.read_record("gender", "long")
+    assert long["status"] != "error" and long["heard_seconds"] == 30.0
+    assert long["audio_source"] == {"seconds": pytest.approx(31.0), "sample_rate": 22050, "channels": 2}
+    assert store.read_record("gender", "short")["heard_seconds"] == pytest.approx(1.0)
+
+    run_sweep(model, samples, tmp_path / "skip", modes=("layer",), long_audio="skip", progress=False)
+    skipped = RunStore(tmp_path / "skip").read_record("gender", "long")
+    assert skipped["status"] == "error" and "31.0 s, longer than qwen2-audio's 30-s audio window" in skipped["error"]
+    assert RunStore(tmp_path / "skip").read_record("gender", "short")["status"] != "error"
+
+    with pytest.raises(DataError, match=r"1 clip\(s\) are longer .* \(first: gender long, 31.0 s\)"):
+        run_sweep(model, samples, tmp_path / "error", modes=("layer",), long_audio="error", progress=False)
+    assert not (tmp_path / "error").exists()

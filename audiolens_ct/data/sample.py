@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from jaxtyping import Float
@@ -49,6 +50,23 @@ class Sample:
     def ok(self) -> bool:
         """True when the sample can be traced (no recorded error)."""
         return self.error is None
+
+    def source(self) -> dict[str, Any] | None:
+        """The clip as stored: `seconds`, `sample_rate`, `channels` (from the file's header, or the array), or
+        None when that cannot be read (the error shows when the clip is loaded)."""
+        if self.waveform is not None:
+            wave = np.asarray(self.waveform)
+            frames, channels = (wave.size, 1) if wave.ndim == 1 else (max(wave.shape), min(wave.shape))
+            return dict(seconds=frames / self.waveform_rate, sample_rate=self.waveform_rate, channels=channels)
+        if self.audio_path is None:
+            return None
+        import soundfile as sf
+
+        try:
+            info = sf.info(str(self.audio_path))
+        except Exception:  # missing or unreadable: reported by `load`
+            return None
+        return dict(seconds=info.frames / info.samplerate, sample_rate=info.samplerate, channels=info.channels)
 
     def load(self, sampling_rate: int) -> Float[np.ndarray, " samples"]:
         """The clip as a mono float32 waveform at `sampling_rate` Hz (channels averaged, resampled)."""
