@@ -7,6 +7,7 @@ interval (`low`/`high` are null); with n = 0 the mean is null too. No NaN is eve
 Per attribute, `aggregate.json` holds:
 
 - `counts`: samples, kept, excluded per reason, errors; `errors` lists each failed sample with its message;
+- `excluded`: each excluded sample with its reason, target, clean and corrupted predictions and probabilities;
 - `p_clean`, `p_corrupted`: mean probabilities of the target answer token over kept samples;
 - `layer_rr`: RR(l) of layer-wise tracing, per layer;
 - `segment_rr`: token-wise RR averaged within each segment (early_prompt, object, late_prompt, last), per layer;
@@ -85,6 +86,7 @@ def _attribute(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "counts": {"samples": len(rows), "kept": len(kept), "excluded": dict(sorted(reasons.items())),
                    "errors": len(errors)},  # fmt: skip
         "errors": errors,
+        "excluded": [_exclusion(r) for r in rows if r["status"] == "excluded"],
         "p_clean": summarise([k["p_clean"] for k in kept]) if kept else None,
         "p_corrupted": summarise([k["p_corrupted"] for k in kept]) if kept else None,
         "layer_rr": None,
@@ -105,6 +107,13 @@ def _attribute(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if token:
         out["token_rr"] = _token_from_end(token)
     return out
+
+
+def _exclusion(record: dict[str, Any]) -> dict[str, Any]:
+    """An excluded sample's predictions, so a reader can check why the rules dropped it."""
+    result = record["result"]
+    keys = ("target", "clean_prediction", "corrupted_prediction", "p_clean", "p_corrupted")
+    return {"sample_id": record["sample_id"], "reason": result["exclusion_reason"], **{k: result[k] for k in keys}}
 
 
 def _audit(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

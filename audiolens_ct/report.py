@@ -1,4 +1,7 @@
-"""One self-contained HTML report per output directory: figures, counts, errors and the run manifest.
+"""One self-contained HTML report per output directory: figures, counts, excluded clips, errors and the run manifest.
+
+Every number is explained once, next to its table or figure: the samples table has a legend of its columns, the
+figures an introduction (RR, band, n) and a caption each.
 
 plotly.js is inlined once in the page head, so `report.html` opens offline and can be mailed as one file.
 """
@@ -13,11 +16,31 @@ from typing import Any
 from plotly.offline import get_plotlyjs
 
 from audiolens_ct.aggregate import INTERVAL, aggregate_run
-from audiolens_ct.plots import Run, layer_rr_figure, segment_rr_figure, token_rr_heatmap
+from audiolens_ct.plots import NO_INTERVAL, Run, layer_rr_figure, segment_rr_figure, token_rr_heatmap
 from audiolens_ct.store import RunStore, atomic_write_text
 
 REPORT = "report.html"
-REASONS = ("clean_wrong", "corrupted_right", "no_drop", "non_finite")
+REASONS = {
+    "clean_wrong": "the clean run predicts a wrong option",
+    "corrupted_right": "the corrupted run still predicts the right option",
+    "no_drop": "P clean ≤ P corrupted: taking the audio away did not lower P",
+    "non_finite": "P clean or P corrupted is not a finite number",
+}
+COLUMNS = {
+    "attribute": "the question asked of the clip (its track)",
+    "samples": "clips of this attribute: kept + excluded + errors",
+    "kept": "clips that pass the exclusion rules; the figures average these only",
+    **{f"excluded: {reason}": rule for reason, rule in REASONS.items()},
+    "errors": "clips that could not be traced (listed under Errors)",
+    "mean P clean (kept)": "mean P of the correct answer token in the clean run, over kept samples only",
+    "mean P corrupted (kept)": "mean P of the correct answer token in the corrupted run, over kept samples only",
+    "audited max |diff|": "the largest |fast − reference| probability difference found by the fast engine's runtime "
+    "exactness audit (in brackets: how many samples it checked); – where nothing was audited",
+}
+EXCLUDED_COLUMNS = ("attribute", "clip", "reason", "target", "clean prediction", "corrupted prediction", "P clean",
+                    "P corrupted")  # fmt: skip
+EXCLUDED_NOTE = ("A prediction is the option whose answer token is most probable; P is the probability of the target's "
+                 "answer token; the reasons are those of the samples table.")  # fmt: skip
 
 EXPLANATION = """
 <p><b>Causal tracing.</b> Each clip is run three ways: <i>clean</i> (its own audio), <i>corrupted</i> (the audio
@@ -43,13 +66,19 @@ body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; 
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #bbb; padding: 0.3em 0.7em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
+.legend, .caption { font-size: 90%; color: #444; max-width: 60em; }
+summary { cursor: pointer; font-weight: bold; }
 pre { background: #f5f5f5; padding: 1em; overflow-x: auto; font-size: 85%; }
 """
 
 
+def _row(cells: list[Any], tag: str = "td") -> str:
+    """One table row of escaped cells (`th` for a header)."""
+    return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+
+
 def _counts_table(attributes: dict[str, Any]) -> str:
-    head = ["attribute", "samples", "kept", *(f"excluded: {r}" for r in REASONS), "errors", "mean P clean",
-            "mean P corrupted", "audited max |diff|"]  # fmt: skip
+    """Counts per attribute, with a legend that explains every column (`COLUMNS`)."""
     rows = []
     for attribute, agg in attributes.items():
         counts = agg["counts"]
@@ -59,9 +88,30 @@ def _counts_table(attributes: dict[str, Any]) -> str:
 
         cells = [attribute, counts["samples"], counts["kept"], *(counts["excluded"].get(r, 0) for r in REASONS),
                  counts["errors"], mean("p_clean"), mean("p_corrupted"), _audited(agg.get("audit"))]  # fmt: skip
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-    return f'<table id="counts">{header}{"".join(rows)}</table>'
+        rows.append(_row(cells))
+    legend = "".join(f"<li><b>{html.escape(c)}</b>: {html.escape(note)}</li>" for c, note in COLUMNS.items())
+    return (f'<table id="counts">{_row(list(COLUMNS), "th")}{"".join(rows)}</table>'
+            f'<ul class="legend" id="counts-legend">{legend}</ul>')  # fmt: skip
+
+
+def _probability(p: float | None) -> str:
+    """A probability to four significant digits, or a dash where there is none."""
+    return "–" if p is None else f"{p:.4g}"
+
+
+def _excluded(attributes: dict[str, Any]) -> str:
+    """A collapsible table of the excluded clips with their predictions, so a reader can check each exclusion."""
+    rows = [
+        _row([attribute, e["sample_id"], e["reason"], e["target"], e["clean_prediction"], e["corrupted_prediction"],
+              _probability(e["p_clean"]), _probability(e["p_corrupted"])])  # fmt: skip
+        for attribute, agg in attributes.items()
+        for e in agg.get("excluded", [])
+    ]
+    if not rows:
+        return "<p>No clip was excluded.</p>"
+    return (f'<details id="excluded"><summary>{len(rows)} excluded clip(s) and their predictions</summary>'
+            f'<p class="legend">{html.escape(EXCLUDED_NOTE)}</p>'
+            f'<table>{_row(list(EXCLUDED_COLUMNS), "th")}{"".join(rows)}</table></details>')  # fmt: skip
 
 
 def _audited(audit: dict[str, Any] | None) -> str:
@@ -80,19 +130,39 @@ def _errors(attributes: dict[str, Any]) -> str:
     return f'<ul id="errors">{"".join(items)}</ul>' if items else "<p>No sample failed.</p>"
 
 
+FIGURES = f"""
+<p class="legend"><b>RR</b> is the recovery rate defined above. <b>Lines</b> are means over kept samples;
+<b>n</b>, the number of kept samples averaged, is in each panel's subtitle (or the heatmap's title), and hovering
+a point shows its own n. <b>Shaded bands</b> are 95% confidence intervals: {html.escape(INTERVAL)}.
+<b>Open markers</b> and "{html.escape(NO_INTERVAL)}" mark points averaged over fewer than two samples, where no
+interval exists.</p>
+"""
+CAPTIONS = {
+    "layer": "One panel per attribute: RR(l) against the layer l at which the text after the audio is restored.",
+    "token": "Colour: mean RR(l, i) when position i alone is restored at layer l (red: the position carries the audio "
+    "information the answer needs). Columns: the token in quotes and its position from the last token (0 = last, −1 "
+    "the one before); dashed lines separate the segments.",
+    "segment": "Mean RR(l, i) over each segment's positions, per layer. Each segment has its own colour, dash and "
+    "marker, so lines that coincide stay visible.",
+}
+
+
+def _figure(i: int, title: str, fig: Any, caption: str) -> str:
+    """A figure's heading, its plot (plotly.js is in the page head) and its caption."""
+    plot = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}", default_height="500px")
+    return f'<h3>{html.escape(title)}</h3>{plot}<p class="caption">{html.escape(caption)}</p>'
+
+
 def render_report(run: Run, manifest: dict[str, Any] | None) -> str:
     """The report page of one run as an HTML string."""
     settings = run.aggregate["settings"]
     attributes = run.aggregate["attributes"]
-    figures = [("Layer-wise tracing", layer_rr_figure([run]))]
+    figures = [("Layer-wise tracing", layer_rr_figure([run]), CAPTIONS["layer"])]
     for attribute in attributes:
-        figures.append((f"Token-wise tracing: {attribute}", token_rr_heatmap(run, attribute)))
-        figures.append((f"Token-wise tracing by segment: {attribute}", segment_rr_figure([run], [attribute])))
-    plots = "".join(
-        f"<h3>{html.escape(title)}</h3>" + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}",
-                                                default_height="500px")
-        for i, (title, fig) in enumerate(figures)
-    )
+        figures.append((f"Token-wise tracing: {attribute}", token_rr_heatmap(run, attribute), CAPTIONS["token"]))
+        figures.append((f"Token-wise tracing by segment: {attribute}", segment_rr_figure([run], [attribute]),
+                        CAPTIONS["segment"]))  # fmt: skip
+    plots = "".join(_figure(i, *figure) for i, figure in enumerate(figures))
     shown = {k: settings.get(k) for k in ("port", "corruption", "engine", "kind", "window", "modes")}
     shown["modes"] = " + ".join(shown["modes"] or [])
     summary = ", ".join(f"{k}: {v}" for k, v in shown.items())
@@ -106,8 +176,9 @@ def render_report(run: Run, manifest: dict[str, Any] | None) -> str:
 <p>Model <code>{html.escape(str(settings.get("model")))}</code>; {html.escape(summary)}.</p>
 <h2>What the numbers mean</h2>{EXPLANATION}
 <h2>Samples</h2>{_counts_table(attributes)}
+<h3>Excluded clips</h3>{_excluded(attributes)}
 <h3>Errors</h3>{_errors(attributes)}
-<h2>Figures</h2><p>Bands: {html.escape(INTERVAL)}.</p>{plots}
+<h2>Figures</h2>{FIGURES}{plots}
 <h2>Run manifest</h2><pre id="manifest">{html.escape(json.dumps(manifest, indent=2))}</pre>
 </body></html>
 """
