@@ -59,8 +59,11 @@ def run_demo(out: str | Path, clips_per_label: dict[str, int] = CLIPS_PER_LABEL,
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the model is tiny: one thread is fastest and never oversubscribes a shared machine
+    say = print if progress else (lambda *args, **kwargs: None)
     try:
+        say(f"loading the demo model ({demo_model_path()})", flush=True)
         model = HookedLALM.from_pretrained(str(demo_model_path()))
+        say(f"writing held-out synthetic clips in the SAKURA layout to {out / 'data'}", flush=True)
         data = write_demo_data(out / "data", clips_per_label)
         samples = load_sakura(data)
         dataset = dict(source="synthetic", path=str(data.resolve()), seed=DEMO_SEED, clips_per_label=clips_per_label)
@@ -68,6 +71,7 @@ def run_demo(out: str | Path, clips_per_label: dict[str, int] = CLIPS_PER_LABEL,
             model, samples, out, modes=("layer", "token"), dataset=dataset, command=f"audiolens-ct demo --out {out}",
             progress=progress,
         )
+        say(f"writing figures and the report to {out}", flush=True)
         figures = write_figures(load_runs([out]), out / "figures")
         report = write_report(out)
     finally:
