@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for models that read an ASR transcript (DeSTA): the one the corrupted run reads "
                        "(default: %(default)s)")  # fmt: skip
     trace.add_argument("--long-audio", choices=LONG_AUDIO, default="truncate",
-                       help="a clip longer than the model's audio window (30 s for Qwen2-Audio, Qwen-Audio, DeSTA): "
+                       help="a clip longer than the model's audio window (each port declares it; 30 s for the Whisper-based ones): "
                        "trace the part the model hears (truncate, with a warning), record it as an error (skip), or "
                        "refuse the run (error) (default: %(default)s)")  # fmt: skip
     trace.add_argument("--device", help="torch device, e.g. cuda or cpu (default: the port's choice)")
@@ -178,12 +178,14 @@ def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
                    window=args.window, seed=args.seed, noise_scale=args.noise_scale,
                    noise_copies=args.noise_copies, transcript_policy=args.transcript_policy,
                    long_audio=args.long_audio)  # fmt: skip
-    RunStore(args.out).check(sweep_settings(model_ref, port.name, dataset, **options), prompts_of(samples),
-                             versions(), args.accept_versions)  # fmt: skip
+    store = RunStore(args.out)
+    store.check(sweep_settings(model_ref, port.name, dataset, **options), prompts_of(samples), versions(),
+                args.accept_versions)  # fmt: skip
     longer_than_window(samples, port, args.long_audio)  # --long-audio error: refused before the model loads
     command = shlex.join(["audiolens-ct", *argv])
-    with RunStore(args.out).lock(command):  # a second writer is refused here, before the model loads
-        model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    with store.lock(command):  # a second writer is refused here, before the model loads
+        model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=dtype)
         summary = run_sweep(model, samples, args.out, max_batch=args.max_batch, audit=not args.no_audit,
                             dataset=dataset, command=command, progress=not args.no_progress,
                             accept_versions=args.accept_versions, **options)  # fmt: skip

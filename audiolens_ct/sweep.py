@@ -120,7 +120,6 @@ def run_sweep(
         dataset: a JSON-ready description of the data source, kept in the manifest (and checked on resume).
         command: the command line, kept in the manifest.
         progress: show a tqdm bar (postfix: done, kept, excluded, errors). Each error is printed to stderr anyway.
-
         long_audio: a clip longer than the model's audio window (`Port.audio_window`) is traced as the model
             hears it, its first seconds ("truncate", with one warning per run), recorded as an error ("skip"), or
             the whole run is refused before anything is written ("error"). Every record keeps the clip's
@@ -201,7 +200,7 @@ def longer_than_window(samples: Sequence[Sample], port: Any, long_audio: str) ->
     with `long_audio="error"`, any such clip is refused here (`DataError`)."""
     if port.audio_window is None:
         return []
-    found = [s for s in samples if s.ok and (source := s.source()) and source["seconds"] > port.audio_window + 1e-9]
+    found = [s for s in samples if s.ok and _beyond(s.source(), port.audio_window)]
     if found and long_audio == "error":
         raise DataError(
             f"{len(found)} clip(s) are longer than {port.name}'s {port.audio_window:g}-s audio window (first: "
@@ -209,6 +208,11 @@ def longer_than_window(samples: Sequence[Sample], port: Any, long_audio: str) ->
             "--long-audio truncate (trace what the model hears) or skip"
         )
     return found
+
+
+def _beyond(source: dict[str, Any] | None, window: float | None) -> bool:
+    """Whether a clip (its `Sample.source()`) is longer than an audio window (None: no window)."""
+    return source is not None and window is not None and source["seconds"] > window + 1e-9
 
 
 def _trace_sample(
@@ -225,7 +229,7 @@ def _trace_sample(
     )  # fmt: skip
     if sample.error is not None:
         return record
-    if long_audio == "skip" and source is not None and window is not None and source["seconds"] > window + 1e-9:
+    if long_audio == "skip" and _beyond(source, window):
         record["error"] = (f"the clip is {source['seconds']:.1f} s, longer than {model.port.name}'s {window:g}-s "
                            "audio window; skipped (--long-audio skip)")  # fmt: skip
         return record
