@@ -8,9 +8,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-
-class AudioLoadError(ValueError):
-    """An audio file that cannot be read, or a waveform of the wrong shape or rate."""
+from audiolens_ct.errors import AudioLoadError
 
 
 def load_audio(path: str | Path, sampling_rate: int) -> Float[np.ndarray, " samples"]:

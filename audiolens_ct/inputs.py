@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Int
 
+from audiolens_ct.errors import InputError
+
 SEGMENT_NAMES = ("early_prompt", "object", "late_prompt", "last")
 
-
-class InputError(ValueError):
-    """A bad argument to `prepare` or `trace`: the message names the value."""
 
 
 @dataclass

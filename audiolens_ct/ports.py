@@ -22,15 +22,11 @@ from jaxtyping import Bool, Float, Int
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from audiolens_ct.errors import PortError
+
 ENTRY_POINT_GROUP = "audiolens_ct.ports"
 
 
-class PortError(ValueError):
-    """An unknown port name, or a checkpoint no port recognises."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the path, file or key."""
 
 
 class AudioHooks(nn.Module):

@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from audiolens_ct.errors import OutputDirError, RunLockedError, RunMismatchError
+
 MANIFEST = "manifest.json"
 RECORDS = "records"
 LOCK = ".lock"
@@ -38,16 +40,7 @@ _HELD: dict[Path, int] = {}
 """Output directories whose lock this process holds, with the lock file's descriptor (the lock is re-entrant)."""
 
 
-class OutputDirError(ValueError):
-    """An output directory that cannot be created or written to."""
 
-
-class RunLockedError(RuntimeError):
-    """Another live process is writing to the output directory."""
-
-
-class RunMismatchError(ValueError):
-    """An output directory that holds a run with other settings than the one asked for."""
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

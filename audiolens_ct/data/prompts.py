@@ -13,10 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-
-class DataError(ValueError):
-    """A data source, manifest or track definition that cannot be used as given."""
-
+from audiolens_ct.errors import DataError
 
 ATTRIBUTES = ("animal", "emotion", "gender", "language")
 

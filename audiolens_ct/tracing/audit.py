@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from transformer_lens.ActivationCache import ActivationCache
 
+from audiolens_ct.errors import ExactnessError
 from audiolens_ct.inputs import LALMInput
 from audiolens_ct.tracing.engine_reference import patched_metric
 from audiolens_ct.tracing.sweep import Sweep
@@ -44,9 +45,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, tor
 
 TOKEN_CELLS = 3
 
-
-class ExactnessError(RuntimeError):
-    """The fast engine disagrees with full TransformerLens forwards on an audited cell."""
 
 
 def versions() -> dict[str, str]:

@@ -31,6 +31,7 @@ from transformer_lens.utilities import get_act_name
 from transformers import AttentionInterface
 
 from audiolens_ct.choices import KINDS
+from audiolens_ct.errors import UnsupportedHookError
 
 ATTENTION_NAME = "audiolens_ct_prefix_kv"
 """The name under which the prefix-aware attention function is registered with transformers."""
@@ -38,9 +39,6 @@ ATTENTION_NAME = "audiolens_ct_prefix_kv"
 Write = Callable[[torch.Tensor], torch.Tensor]
 KV = tuple[Float[torch.Tensor, "batch kv_heads pos d_head"], Float[torch.Tensor, "batch kv_heads pos d_head"]]
 
-
-class UnsupportedHookError(RuntimeError):
-    """A hook is set where the fast engine's layers do not call hook points."""
 
 
 class RecordKV:
