@@ -12,19 +12,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 _HOMES = {
-    "AudioLoadError": "audiolens_ct.audio",
+    "AudioLoadError": "audiolens_ct.errors",
     "load_audio": "audiolens_ct.audio",
-    "CheckpointError": "audiolens_ct.ports",
+    "CheckpointError": "audiolens_ct.errors",
     "Port": "audiolens_ct.ports",
-    "PortError": "audiolens_ct.ports",
+    "PortError": "audiolens_ct.errors",
     "available_ports": "audiolens_ct.ports",
     "get_port": "audiolens_ct.ports",
     "register_port": "audiolens_ct.ports",
-    "ExactnessError": "audiolens_ct.tracing",
+    "ExactnessError": "audiolens_ct.errors",
     "TraceResult": "audiolens_ct.tracing",
     "trace": "audiolens_ct.tracing",
     "HookedLALM": "audiolens_ct.model",
-    "InputError": "audiolens_ct.inputs",
+    "InputError": "audiolens_ct.errors",
     "LALMInput": "audiolens_ct.inputs",
 }
 
@@ -48,11 +48,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from audiolens_ct import testing
-    from audiolens_ct.audio import AudioLoadError, load_audio
-    from audiolens_ct.inputs import InputError, LALMInput
+    from audiolens_ct.audio import load_audio
+    from audiolens_ct.errors import AudioLoadError, CheckpointError, ExactnessError, InputError, PortError
+    from audiolens_ct.inputs import LALMInput
     from audiolens_ct.model import HookedLALM
-    from audiolens_ct.ports import CheckpointError, Port, PortError, available_ports, get_port, register_port
-    from audiolens_ct.tracing import ExactnessError, TraceResult, trace
+    from audiolens_ct.ports import Port, available_ports, get_port, register_port
+    from audiolens_ct.tracing import TraceResult, trace
 
 
 def __getattr__(name: str) -> Any:

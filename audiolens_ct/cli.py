@@ -22,25 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from audiolens_ct.choices import CORRUPTIONS, DTYPES, ENGINES, KINDS, LONG_AUDIO, MODES, TRANSCRIPT_POLICIES
+from audiolens_ct.errors import AudiolensError
 
 # The parser is built from `choices` alone; each command imports what it needs (torch among it) only after the
 # arguments parsed, so `--help` and argument errors answer at once.
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input or environment: one line and exit code 2, never a traceback."""
-    from audiolens_ct.audio import AudioLoadError
-    from audiolens_ct.data.prompts import DataError
-    from audiolens_ct.inputs import InputError
-    from audiolens_ct.ports import CheckpointError, PortError
-    from audiolens_ct.store import OutputDirError, RunLockedError, RunMismatchError
-    from audiolens_ct.tracing import ExactnessError
-
-    return (CheckpointError, PortError, DataError, InputError, AudioLoadError, RunMismatchError, RunLockedError,
-            OutputDirError, ExactnessError, OSError)  # fmt: skip
 
 
-class CliError(ValueError):
+class CliError(AudiolensError, ValueError):
     """Bad command-line input that argparse cannot catch by itself."""
 
 
@@ -121,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _samples(args: argparse.Namespace) -> tuple[list[Any], dict[str, str]]:
     """The samples asked for, and a description of their source for the run manifest."""
     from audiolens_ct.data.manifest import load_manifest
-    from audiolens_ct.data.prompts import DataError
     from audiolens_ct.data.sakura import load_sakura
+    from audiolens_ct.errors import DataError
 
     if (args.data is None) == (args.manifest is None):
         raise CliError("give either a SAKURA data folder or --manifest FILE (exactly one)")
@@ -242,7 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 on success, 2 for bad input, 130 when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    user_errors = _user_errors()
     try:
         if args.command == "trace":
             return _trace(args, argv)
@@ -251,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         return _demo(args)
-    except (CliError, *user_errors) as exc:
+    except (AudiolensError, OSError) as exc:
         print(f"audiolens-ct: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

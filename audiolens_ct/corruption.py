@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from audiolens_ct.choices import CORRUPTIONS, TRANSCRIPT_POLICIES
-from audiolens_ct.inputs import InputError, LALMInput
+from audiolens_ct.errors import InputError
+from audiolens_ct.inputs import LALMInput
 
 
 def _transcript_overrides(clean: LALMInput, policy: str) -> dict[str, Any]:

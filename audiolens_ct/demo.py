@@ -26,9 +26,9 @@ import torch
 
 from audiolens_ct.data.sakura import load_sakura
 from audiolens_ct.data.synthetic import write_synthetic_sakura
+from audiolens_ct.errors import CheckpointError
 from audiolens_ct.model import HookedLALM
 from audiolens_ct.plots import load_runs, write_figures
-from audiolens_ct.ports import CheckpointError
 from audiolens_ct.report import write_report
 from audiolens_ct.sweep import run_sweep
 

@@ -28,8 +28,9 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 
 from audiolens_ct.audio import as_waveform
-from audiolens_ct.inputs import InputError, LALMInput, object_span, text_segments
-from audiolens_ct.ports import AudioHooks, CheckpointError, Port, get_port, port_for_config
+from audiolens_ct.errors import CheckpointError, InputError
+from audiolens_ct.inputs import LALMInput, object_span, text_segments
+from audiolens_ct.ports import AudioHooks, Port, get_port, port_for_config
 
 HookList = Sequence[tuple[str | Callable[[str], bool], Callable]]
 NamesFilter = str | list[str] | Callable[[str], bool] | None

@@ -24,12 +24,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from audiolens_ct.audio import AudioLoadError
 from audiolens_ct.choices import LONG_AUDIO, MODES
 from audiolens_ct.data.answers import answer_tokens
-from audiolens_ct.data.prompts import DataError
 from audiolens_ct.data.sample import Sample
-from audiolens_ct.inputs import InputError
+from audiolens_ct.errors import AudioLoadError, DataError, InputError
 from audiolens_ct.store import RunStore
 from audiolens_ct.tracing.audit import versions
 from audiolens_ct.tracing.trace import check_options, trace

@@ -39,7 +39,8 @@ from transformers import (
 )
 from transformers.models.bert.modeling_bert import BertEncoder
 
-from audiolens_ct.ports import AudioHooks, Backbone, CheckpointError, Port, meta_shell
+from audiolens_ct.errors import CheckpointError
+from audiolens_ct.ports import AudioHooks, Backbone, Port, meta_shell
 
 SAMPLING_RATE = 16000
 TAP_CONVENTIONS = ("hidden_states", "layer_loop")

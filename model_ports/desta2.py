@@ -32,9 +32,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import nn
 
-from audiolens_ct.inputs import InputError
+from audiolens_ct.errors import CheckpointError, InputError
 from audiolens_ct.model import read_checkpoint_config
-from audiolens_ct.ports import AudioHooks, CheckpointError, PortInputs
+from audiolens_ct.ports import AudioHooks, PortInputs
 from model_ports._desta_common import (
     LLAMA3_CHAT_TEMPLATE,
     SAMPLING_RATE,

@@ -35,9 +35,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import nn
 
-from audiolens_ct.inputs import InputError
+from audiolens_ct.errors import CheckpointError, InputError
 from audiolens_ct.model import read_checkpoint_config
-from audiolens_ct.ports import AudioHooks, CheckpointError, PortInputs
+from audiolens_ct.ports import AudioHooks, PortInputs
 from model_ports._desta_common import (
     LLAMA31_CHAT_TEMPLATE,
     PLACEHOLDER_TOKEN,

@@ -45,8 +45,8 @@ from transformers import (
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
-from audiolens_ct.inputs import InputError
-from audiolens_ct.ports import AudioHooks, Backbone, CheckpointError, Port, PortInputs, meta_shell
+from audiolens_ct.errors import CheckpointError, InputError
+from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, meta_shell
 
 SAMPLING_RATE = 16000
 N_SAMPLES = 30 * SAMPLING_RATE

@@ -42,7 +42,8 @@ from transformers import (
 )
 from transformers.utils import cached_file, is_mistral_common_available
 
-from audiolens_ct.ports import AudioHooks, Backbone, CheckpointError, Port, PortInputs, meta_shell
+from audiolens_ct.errors import CheckpointError
+from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, meta_shell
 
 SAMPLING_RATE = 16000
 CHUNK_SAMPLES = 30 * SAMPLING_RATE  # the processor pads audio to a multiple of 30 s

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiolens_ct.audio import AudioLoadError
 from audiolens_ct.data import (
     ATTRIBUTES,
     TRACKS,
@@ -21,6 +20,7 @@ from audiolens_ct.data import (
     write_synthetic_sakura,
 )
 from audiolens_ct.data.sample import make_sample
+from audiolens_ct.errors import AudioLoadError
 
 RATE = 16000
 

@@ -10,9 +10,10 @@ from conftest import GENDER_PREFIX, GENDER_PROMPT
 
 import audiolens_ct as act
 from audiolens_ct.data.answers import answer_tokens
+from audiolens_ct.errors import UnsupportedHookError
 from audiolens_ct.testing import hf_patch_loop, tiny_model, tone
 from audiolens_ct.tracing import audit, layer_wise, token_wise
-from audiolens_ct.tracing.decoder import PrefixKV, UnsupportedHookError
+from audiolens_ct.tracing.decoder import PrefixKV
 from audiolens_ct.tracing.engine_fast import evaluate_fast
 
 

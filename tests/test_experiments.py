@@ -11,12 +11,12 @@ import torch
 import audiolens_ct.sweep as sweep_module
 from audiolens_ct.aggregate import aggregate_records, aggregate_run, summarise
 from audiolens_ct.data.answers import answer_tokens
-from audiolens_ct.data.prompts import TRACKS, DataError, make_track
+from audiolens_ct.data.prompts import TRACKS, make_track
 from audiolens_ct.data.sample import make_sample
-from audiolens_ct.inputs import InputError
+from audiolens_ct.errors import DataError, InputError, RunMismatchError
 from audiolens_ct.plots import Run, layer_rr_figure, segment_rr_figure, token_rr_heatmap
 from audiolens_ct.report import write_report
-from audiolens_ct.store import RunMismatchError, RunStore, atomic_write_json, file_stem
+from audiolens_ct.store import RunStore, atomic_write_json, file_stem
 from audiolens_ct.sweep import run_sweep
 from audiolens_ct.testing import tone
 from audiolens_ct.tracing import TraceResult

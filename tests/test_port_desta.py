@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import audiolens_ct as act
-from audiolens_ct.ports import CheckpointError
+from audiolens_ct.errors import CheckpointError
 from audiolens_ct.testing import check_port, tiny_model, tone
 from model_ports._desta_common import QformerConnector
 from model_ports.desta2 import Desta2Port

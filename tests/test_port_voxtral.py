@@ -18,8 +18,9 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from audiolens_ct import HookedLALM
+from audiolens_ct.errors import CheckpointError
 from audiolens_ct.inputs import LALMInput
-from audiolens_ct.ports import CheckpointError, get_port
+from audiolens_ct.ports import get_port
 from audiolens_ct.testing import (
     ATOL,
     check_embed_is_resid_pre,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from audiolens_ct.inputs import InputError
+from audiolens_ct.errors import InputError
 
 
 def answer_token(tokenizer: Any, option: str) -> int:

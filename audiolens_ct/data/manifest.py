@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from audiolens_ct.data.prompts import DataError, make_track
+from audiolens_ct.data.prompts import make_track
 from audiolens_ct.data.sample import Sample, make_sample
+from audiolens_ct.errors import DataError
 
 AUDIO_COLUMNS = ("audio", "audio_path")
 

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from audiolens_ct.data.manifest import read_utf8
-from audiolens_ct.data.prompts import ATTRIBUTES, DataError, Track, get_track
+from audiolens_ct.data.prompts import ATTRIBUTES, Track, get_track
 from audiolens_ct.data.sample import Sample, make_sample
+from audiolens_ct.errors import DataError
 
 TRACK_FOLDERS = {"animal": "Animal", "emotion": "Emotion", "gender": "Gender", "language": "Language"}
 LABEL_COLUMN = "attribute_label"

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
-from audiolens_ct.audio import AudioLoadError, load_audio
+from audiolens_ct.audio import load_audio
 from audiolens_ct.data.prompts import Track
+from audiolens_ct.errors import AudioLoadError
 
 
 @dataclass(frozen=True, eq=False)

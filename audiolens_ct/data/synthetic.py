@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Float
 
-from audiolens_ct.data.prompts import ATTRIBUTES, DataError, get_track
+from audiolens_ct.data.prompts import ATTRIBUTES, get_track
 from audiolens_ct.data.sakura import TRACK_FOLDERS
+from audiolens_ct.errors import DataError
 
 SAMPLING_RATE = 16000
 MIN_SECONDS, MAX_SECONDS = 1.0, 5.0

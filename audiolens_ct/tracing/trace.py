@@ -25,7 +25,8 @@ from audiolens_ct.audio import as_waveform
 from audiolens_ct.choices import CORRUPTIONS, ENGINES, KINDS, MODES, TRANSCRIPT_POLICIES
 from audiolens_ct.corruption import corrupt
 from audiolens_ct.data.answers import answer_tokens
-from audiolens_ct.inputs import SEGMENT_NAMES, InputError, LALMInput
+from audiolens_ct.errors import InputError
+from audiolens_ct.inputs import SEGMENT_NAMES, LALMInput
 from audiolens_ct.tracing import audit as exactness
 from audiolens_ct.tracing.audit import versions
 from audiolens_ct.tracing.engine_fast import evaluate_fast, run_corrupted
