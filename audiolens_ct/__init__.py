@@ -1,7 +1,18 @@
 """audiolens-ct: causal tracing of audio-text fusion in large audio language models, on TransformerLens.
 
-The public names below are imported on first use, so that `import audiolens_ct` (and the command line's `--help`)
-costs nothing until a model is touched.
+The stable surface is the names below, plus documented submodules: `audiolens_ct.tracing` (patch sets, engines,
+scoring: for new analyses), `audiolens_ct.ports` (for writing a port), `audiolens_ct.plots` (figures),
+`audiolens_ct.testing` (tiny models, the port conformance kit), `audiolens_ct.demo` (the demo model and its
+synthetic clips), `audiolens_ct.errors` (every error, under `AudiolensError`) and `audiolens_ct.cli.main` (the
+command line in-process). Anything else may move between releases.
+
+    model = HookedLALM.from_pretrained("Qwen/Qwen2-Audio-7B-Instruct")
+    gender = get_track("gender")
+    res = trace(model, "clip.wav", gender.prompt, gender.response_prefix, target="female", options=gender.labels)
+    run_experiment(model, load_sakura("SAKURA", ["gender"]), "runs/qwen2", TraceConfig(modes=("layer",)))
+
+Names are imported on first use, so `import audiolens_ct` (and the command line's `--help`) costs nothing until a
+model is touched.
 """
 
 from __future__ import annotations
@@ -9,56 +20,61 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _HOMES = {
-    "AudioLoadError": "audiolens_ct.errors",
-    "load_audio": "audiolens_ct.audio",
-    "CheckpointError": "audiolens_ct.errors",
-    "Port": "audiolens_ct.ports",
-    "PortError": "audiolens_ct.errors",
-    "available_ports": "audiolens_ct.ports",
-    "get_port": "audiolens_ct.ports",
-    "register_port": "audiolens_ct.ports",
-    "ExactnessError": "audiolens_ct.errors",
-    "TraceResult": "audiolens_ct.tracing",
-    "trace": "audiolens_ct.tracing",
+    "AudiolensError": "audiolens_ct.errors",
     "HookedLALM": "audiolens_ct.model",
-    "InputError": "audiolens_ct.errors",
     "LALMInput": "audiolens_ct.inputs",
+    "Port": "audiolens_ct.ports",
+    "TraceConfig": "audiolens_ct.config",
+    "TraceResult": "audiolens_ct.tracing.result",
+    "available_ports": "audiolens_ct.ports",
+    "get_track": "audiolens_ct.data.prompts",
+    "load_audio": "audiolens_ct.audio",
+    "load_manifest": "audiolens_ct.data.manifest",
+    "load_sakura": "audiolens_ct.data.sakura",
+    "register_port": "audiolens_ct.ports",
+    "run_experiment": "audiolens_ct.experiment",
+    "trace": "audiolens_ct.tracing.clip",
+    "write_report": "audiolens_ct.report",
 }
 
 __all__ = [
-    "AudioLoadError",
-    "CheckpointError",
-    "ExactnessError",
+    "AudiolensError",
     "HookedLALM",
-    "InputError",
     "LALMInput",
     "Port",
-    "PortError",
+    "TraceConfig",
     "TraceResult",
     "available_ports",
-    "get_port",
+    "get_track",
     "load_audio",
+    "load_manifest",
+    "load_sakura",
     "register_port",
-    "testing",
+    "run_experiment",
     "trace",
+    "write_report",
 ]
 
 if TYPE_CHECKING:
-    from audiolens_ct import testing
     from audiolens_ct.audio import load_audio
-    from audiolens_ct.errors import AudioLoadError, CheckpointError, ExactnessError, InputError, PortError
+    from audiolens_ct.config import TraceConfig
+    from audiolens_ct.data.manifest import load_manifest
+    from audiolens_ct.data.prompts import get_track
+    from audiolens_ct.data.sakura import load_sakura
+    from audiolens_ct.errors import AudiolensError
+    from audiolens_ct.experiment import run_experiment
     from audiolens_ct.inputs import LALMInput
     from audiolens_ct.model import HookedLALM
-    from audiolens_ct.ports import Port, available_ports, get_port, register_port
-    from audiolens_ct.tracing import TraceResult, trace
+    from audiolens_ct.ports import Port, available_ports, register_port
+    from audiolens_ct.report import write_report
+    from audiolens_ct.tracing.clip import trace
+    from audiolens_ct.tracing.result import TraceResult
 
 
 def __getattr__(name: str) -> Any:
-    if name == "testing":
-        return importlib.import_module("audiolens_ct.testing")
     if name in _HOMES:
         value = getattr(importlib.import_module(_HOMES[name]), name)
         globals()[name] = value

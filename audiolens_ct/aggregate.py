@@ -1,5 +1,9 @@
 """Averaging a sweep's records: mean RR with 95% confidence intervals, and what was kept, excluded or failed.
 
+This module is the one reader of records for analysis and the one writer of `aggregate.json`: a run writes it when
+it ends (`write_aggregate`), the report reads it back (`load_aggregate`, which rewrites it first when it is missing
+or older than the records), and figures read it through `load_runs`.
+
 Interval: over the kept samples, the two-sided 95% Student t interval of the mean,
 `mean ± t(0.975, n−1) · s / √n` with `s` the sample standard deviation (ddof 1). With n = 1 there is a mean but no
 interval (`low`/`high` are null); with n = 0 the mean is null too. No NaN is ever written.
@@ -23,7 +27,9 @@ each cell).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,7 @@ from jaxtyping import Float
 from scipy import stats
 
 from audiolens_ct.inputs import SEGMENT_NAMES
-from audiolens_ct.store import RunStore, atomic_write_json
+from audiolens_ct.store import MANIFEST, RECORDS, RunStore, atomic_write_json
 
 AGGREGATE = "aggregate.json"
 CONFIDENCE = 0.95
@@ -67,7 +73,8 @@ def _json(array: np.ndarray) -> Any:
 
 
 def aggregate_records(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per-attribute counts and averaged maps (see the module docstring) from sweep records."""
+    """Per-attribute counts and averaged maps (see the module docstring) from sweep records, in any order (they
+    are sorted by attribute and sample id here, so an aggregate never depends on the order samples finished)."""
     by_attribute: dict[str, list[dict[str, Any]]] = {}
     for record in sorted(records, key=lambda r: (r["attribute"], r["sample_id"])):
         by_attribute.setdefault(record["attribute"], []).append(record)
@@ -141,15 +148,72 @@ def _token_from_end(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def aggregate_run(out_dir: str | Path, write: bool = True) -> dict[str, Any]:
-    """Aggregate an output directory's records (with its manifest's settings); write `aggregate.json` if asked."""
+def aggregate_run(out_dir: str | Path) -> dict[str, Any]:
+    """Aggregate an output directory's records afresh, with its manifest's settings (nothing is written)."""
     store = RunStore(out_dir)
     manifest = store.manifest() or {}
-    result = {
+    return {
         "settings": manifest.get("settings", {}),
         "interval": INTERVAL,
         "attributes": aggregate_records(store.records()),
     }
-    if write:
-        atomic_write_json(Path(out_dir) / AGGREGATE, result)
+
+
+def write_aggregate(out_dir: str | Path) -> dict[str, Any]:
+    """Aggregate `out_dir`'s records and write `out_dir/aggregate.json` (the only writer of that file)."""
+    result = aggregate_run(out_dir)
+    atomic_write_json(Path(out_dir) / AGGREGATE, result)
     return result
+
+
+def load_aggregate(out_dir: str | Path, write: bool = True) -> dict[str, Any]:
+    """The aggregate of `out_dir`: `aggregate.json` when it is current, else aggregated afresh from the records
+    (and written, when `write`), so a resumed or extended run is never shown stale."""
+    path = Path(out_dir) / AGGREGATE
+    if _is_current(Path(out_dir)):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable or half-copied: aggregated again below
+            pass
+    return write_aggregate(out_dir) if write else aggregate_run(out_dir)
+
+
+def _is_current(out_dir: Path) -> bool:
+    """Whether `aggregate.json` is newer than the manifest, every record and every records folder (whose time
+    changes when a record is added or removed)."""
+    try:
+        written = (out_dir / AGGREGATE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+    records = out_dir / RECORDS
+    sources = [out_dir / MANIFEST, records, *records.glob("*"), *records.glob("*/*.json")]
+    try:
+        return all(written > source.stat().st_mtime_ns for source in sources if source.exists())
+    except FileNotFoundError:  # a record replaced while we looked: aggregate again
+        return False
+
+
+@dataclass
+class Run:
+    """One output directory's aggregate, with the label its lines carry in overlaid figures."""
+
+    label: str
+    aggregate: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.aggregate["attributes"])
+
+
+def load_runs(out_dirs: Sequence[str | Path]) -> list[Run]:
+    """Each output directory's current aggregate (`load_aggregate`; nothing is written), labelled for figures.
+
+    Lines are labelled by model name; runs of the same model add their directory name (and their place in
+    `out_dirs` if that is not enough).
+    """
+    aggregates = [load_aggregate(d, write=False) for d in out_dirs]
+    names = [Path(str(a["settings"].get("model", "run"))).name for a in aggregates]
+    labels = [n if names.count(n) == 1 else f"{n} ({Path(d).name})" for n, d in zip(names, out_dirs, strict=True)]
+    labels = [label if labels.count(label) == 1 else f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return [Run(label, agg, Path(d)) for label, agg, d in zip(labels, aggregates, out_dirs, strict=True)]

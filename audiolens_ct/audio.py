@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +14,56 @@ from audiolens_ct.errors import AudioLoadError
 
 def load_audio(path: str | Path, sampling_rate: int) -> Float[np.ndarray, " samples"]:
     """Read an audio file as a mono float32 waveform at `sampling_rate` (channels averaged, resampled)."""
-    import librosa
+    wave, rate = decode(path)
+    return resample(wave, rate, sampling_rate)
+
+
+def decode(source: str | Path | bytes, name: str | None = None) -> tuple[Float[np.ndarray, " samples"], int]:
+    """Decode an audio file, given by its path or its bytes, to a checked mono float32 waveform and its rate.
+
+    Every reader of audio files goes through here, so a bad file is reported one way: `AudioLoadError` naming
+    `name` (default: the path, or "audio bytes") when the file is missing, unreadable, empty or not finite.
+    """
     import soundfile as sf
 
-    path = Path(path)
-    if not path.is_file():
-        raise AudioLoadError(f"{path}: no such audio file")
+    if isinstance(source, bytes):
+        name, target, readable = name or "audio bytes", io.BytesIO(source), "readable audio"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise AudioLoadError(f"{name or path}: no such audio file")
+        name, target, readable = name or str(path), str(path), "a readable audio file"
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(target, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several unrelated types for bad files
-        reason = str(exc).replace(f"Error opening {str(path)!r}: ", "")  # soundfile repeats the path
-        raise AudioLoadError(f"{path}: not a readable audio file (soundfile: {reason})") from exc
-    if data.shape[0] == 0:
-        raise AudioLoadError(f"{path}: the file holds no samples")
-    if not np.isfinite(data).all():
-        raise AudioLoadError(f"{path}: the file holds NaN or infinite samples")
-    wave = data.mean(axis=1)
+        reason = str(exc).replace(f"Error opening {target!r}: ", "")  # soundfile repeats the path
+        raise AudioLoadError(f"{name}: not {readable} (soundfile: {reason})") from exc
+    return checked_mono(data, name, "the file", channel_axis=1), int(rate)
+
+
+def checked_mono(
+    samples: np.ndarray, where: str, what: str, channel_axis: int | None = None
+) -> Float[np.ndarray, " samples"]:
+    """`samples` as a mono float32 waveform: a 2-D array's channels averaged (on `channel_axis`, default the
+    shorter axis). `AudioLoadError` ("<where>: <what> holds no samples", ...) when it is not a non-empty finite clip.
+    """
+    wave = np.asarray(samples, dtype=np.float32)
+    if wave.ndim == 2:
+        wave = wave.mean(axis=int(np.argmin(wave.shape)) if channel_axis is None else channel_axis)
+    if wave.ndim != 1:
+        raise AudioLoadError(f"{where}: {what} has shape {wave.shape}, expected a 1-D clip")
+    if wave.size == 0:
+        raise AudioLoadError(f"{where}: {what} holds no samples")
+    if not np.isfinite(wave).all():
+        raise AudioLoadError(f"{where}: {what} holds NaN or infinite samples")
+    return wave
+
+
+def resample(wave: Float[np.ndarray, " samples"], rate: int, sampling_rate: int) -> Float[np.ndarray, " samples"]:
+    """`wave` (at `rate` Hz) at `sampling_rate` Hz, as a contiguous float32 array."""
     if rate != sampling_rate:
+        import librosa
+
         wave = librosa.resample(wave, orig_sr=rate, target_sr=sampling_rate)
     return np.ascontiguousarray(wave, dtype=np.float32)
 

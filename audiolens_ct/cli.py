@@ -1,32 +1,65 @@
 """`audiolens-ct`: the command line.
 
-    audiolens-ct trace MODEL DATA_DIR --out runs/qwen2 [--attributes gender emotion] [--corruption silence] ...
-    audiolens-ct trace MODEL --manifest clips.csv --out runs/mine
+    audiolens-ct run MODEL DATA_DIR --out runs/qwen2 [--attributes gender emotion] [--corruption silence] ...
+    audiolens-ct run MODEL --manifest clips.csv --out runs/mine
     audiolens-ct plot runs/qwen2 runs/voxtral --out figures     # overlay several runs
     audiolens-ct report runs/qwen2                              # runs/qwen2/report.html
     audiolens-ct demo
 
-`trace` is resumable: re-running the same command skips finished samples; a different setting into the same
-`--out` is refused. Bad input ends with a one-line message and exit code 2; an interrupted sweep exits with 130.
+`run` traces every clip of a data set (`audiolens_ct.run_experiment`); it is resumable: re-running the same
+command skips finished samples; a different setting into the same `--out` is refused. (`trace`, its name before
+0.3, still works and says so; it goes in 0.4.) Bad input ends with a one-line message and exit code 2; an interrupted sweep exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import shlex
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from audiolens_ct.choices import CORRUPTIONS, DTYPES, ENGINES, KINDS, LONG_AUDIO, MODES, TRANSCRIPT_POLICIES
+from audiolens_ct import choices
+from audiolens_ct.config import TraceConfig
 from audiolens_ct.errors import AudiolensError
 
-# The parser is built from `choices` alone; each command imports what it needs (torch among it) only after the
-# arguments parsed, so `--help` and argument errors answer at once.
+# The parser is built from `choices` and `TraceConfig` alone; each command imports what it needs (torch among it)
+# only after the arguments parsed, so `--help` and argument errors answer at once.
 
+RENAMED_VERBS = {"trace": "run"}
+"""Old verb -> new verb: the old one still works for one release, with a note on stderr."""
+
+TRACE_FLAGS: dict[str, dict[str, Any]] = {
+    "corruption": dict(choices=choices.CORRUPTIONS, help="how the audio is taken away: silence (paper), noise on the "
+                       "audio embeddings (ROME), or swap in another clip of a different label"),
+    "modes": dict(nargs="+", choices=choices.MODES,
+                  help="layer: RR(l), all text after the audio restored; token: RR(l, i)"),
+    "engine": dict(choices=choices.ENGINES,
+                   help="fast suffix engine, or transformer_lens patching (reference; same numbers, slower)"),
+    "kind": dict(choices=choices.KINDS, help="activation restored; resid_pre is the paper's hidden state"),
+    "window": dict(type=int, help="restore this many consecutive layers centred on each layer (ROME uses 10 for "
+                   "attn_out/mlp_out)"),
+    "layer_positions": dict(choices=choices.LAYER_POSITIONS,
+                            help="text restored by layer-wise tracing: after the audio (paper) or all text"),
+    "seed": dict(type=int, help="seed of the noise corruption, of swap partners and of the audited cells"),
+    "noise_scale": dict(type=float, help="with --corruption noise: noise std as a multiple of the embeddings' std"),
+    "noise_copies": dict(type=int, help="with --corruption noise: noisy copies averaged"),
+    "transcript_policy": dict(choices=choices.TRANSCRIPT_POLICIES, help="for models that read an ASR transcript "
+                              "(DeSTA): the one the corrupted run reads"),
+    "trace_excluded": dict(action="store_true",
+                           help="also compute the patched probabilities of clips the paper's rules exclude"),
+    "long_audio": dict(choices=choices.LONG_AUDIO, help="a clip longer than the model's audio window (each port "
+                       "declares it; 30 s for the Whisper-based ones): trace the part the model hears (truncate, "
+                       "with a warning), record it as an error (skip), or refuse the run (error)"),
+    "max_batch": dict(type=int, help="rows per forward pass of the fast engine; lower it if memory runs out"),
+    "audit": dict(action="store_false", help="skip the fast engine's exactness audit (a few full TransformerLens "
+                  "forwards per sample that re-check its cells)"),
+}
+"""The `run` flag of each `TraceConfig` field (`--no-audit` for `audit`), as argparse arguments; defaults come from
+`TraceConfig()`, so the two never disagree."""
 
 
 
@@ -38,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="audiolens-ct", description="Causal tracing of audio-text fusion in large audio language models."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{trace,plot,report,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,plot,report,demo}")
 
     trace = commands.add_parser(
-        "trace", help="trace a model over a data set into an output directory (resumable)",
+        "run", aliases=list(RENAMED_VERBS), help="trace every clip of a data set into an output directory (resumable)",
         description="Trace every sample (layer-wise and/or token-wise), then write aggregate.json and report.html. "
         "Re-running the same command resumes; other settings into the same --out are refused.",
     )  # fmt: skip
@@ -49,44 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("data", nargs="?", type=Path,
                        help="SAKURA folder (GitHub or audiofolder layout: <Track>/metadata.csv); or use --manifest")  # fmt: skip
     trace.add_argument("--manifest", type=Path, help="CSV or JSON Lines manifest of your own clips (instead of DATA)")
+    default = TraceConfig()
+    for name, spec in TRACE_FLAGS.items():
+        flag = "--no-audit" if name == "audit" else f"--{name.replace('_', '-')}"
+        value = getattr(default, name)
+        shown = "" if "action" in spec else f" (default: {' '.join(value) if isinstance(value, tuple) else value})"
+        trace.add_argument(flag, dest=name, default=value, **{**spec, "help": spec["help"] + shown})
     trace.add_argument("--out", type=Path, required=True, help="output directory (records, manifest, aggregate, report)")
     trace.add_argument("--port", help="model port (default: inferred from the checkpoint's config.json)")
     trace.add_argument("--attributes", nargs="+", metavar="ATTRIBUTE",
                        help="tracks to trace: animal, emotion, gender, language (default: every one present)")  # fmt: skip
-    trace.add_argument("--corruption", choices=CORRUPTIONS, default="silence",
-                       help="how the audio is taken away: silence (paper), noise on the audio embeddings (ROME), "
-                       "or swap in another clip of a different label (default: %(default)s)")  # fmt: skip
-    trace.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                       help="layer: RR(l), all text after the audio restored; token: RR(l, i) (default: both)")  # fmt: skip
-    trace.add_argument("--engine", choices=ENGINES, default="fast",
-                       help="fast suffix engine, or transformer_lens patching (reference; same numbers, slower) "
-                       "(default: %(default)s)")  # fmt: skip
-    trace.add_argument("--kind", choices=KINDS, default="resid_pre",
-                       help="activation restored; resid_pre is the paper's hidden state (default: %(default)s)")  # fmt: skip
-    trace.add_argument("--window", type=int, default=1,
-                       help="restore this many consecutive layers centred on each layer (ROME uses 10 for "
-                       "attn_out/mlp_out) (default: %(default)s)")  # fmt: skip
-    trace.add_argument("--noise-scale", type=float, default=3.0,
-                       help="with --corruption noise: noise std as a multiple of the embeddings' std (default: %(default)s)")  # fmt: skip
-    trace.add_argument("--noise-copies", type=int, default=10,
-                       help="with --corruption noise: noisy copies averaged (default: %(default)s)")  # fmt: skip
-    trace.add_argument("--transcript-policy", choices=TRANSCRIPT_POLICIES, default="clean",
-                       help="for models that read an ASR transcript (DeSTA): the one the corrupted run reads "
-                       "(default: %(default)s)")  # fmt: skip
-    trace.add_argument("--long-audio", choices=LONG_AUDIO, default="truncate",
-                       help="a clip longer than the model's audio window (each port declares it; 30 s for the Whisper-based ones): "
-                       "trace the part the model hears (truncate, with a warning), record it as an error (skip), or "
-                       "refuse the run (error) (default: %(default)s)")  # fmt: skip
     trace.add_argument("--device", help="torch device, e.g. cuda or cpu (default: the port's choice)")
-    trace.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: the port's choice)")
+    trace.add_argument("--dtype", choices=choices.DTYPES, help="weights' dtype (default: the port's choice)")
     trace.add_argument("--limit", type=int, help="at most this many samples per attribute, in data order")
-    trace.add_argument("--seed", type=int, default=0,
-                       help="seed of the noise corruption and of swap partners (default: %(default)s)")  # fmt: skip
-    trace.add_argument("--max-batch", type=int, default=64,
-                       help="rows per forward pass of the fast engine; lower it if memory runs out (default: %(default)s)")  # fmt: skip
-    trace.add_argument("--no-audit", action="store_true",
-                       help="skip the fast engine's exactness audit (a few full TransformerLens forwards per sample "
-                       "that re-check its cells)")  # fmt: skip
     trace.add_argument("--accept-versions", action="store_true",
                        help="resume an --out traced with other versions of audiolens-ct, torch, transformers or "
                        "transformer-lens (refused otherwise)")  # fmt: skip
@@ -95,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="write figures of one or more output directories (overlaid)",
                                description="Layer-wise curves, token-wise heatmaps and segment curves as interactive "
                                "HTML; PNG/SVG too with --static when kaleido is installed.")  # fmt: skip
-    plot.add_argument("runs", nargs="+", type=Path, metavar="OUT_DIR", help="output directories of `trace`")
+    plot.add_argument("runs", nargs="+", type=Path, metavar="OUT_DIR", help="output directories of `run`")
     plot.add_argument("--out", type=Path, help="folder for the figures (default: <first OUT_DIR>/figures)")
     plot.add_argument("--static", nargs="+", choices=("png", "svg"), default=[],
                       help="also write static images (needs the kaleido package)")  # fmt: skip
 
     report = commands.add_parser("report", help="write OUT_DIR/report.html (self-contained) for each directory")
-    report.add_argument("runs", nargs="+", type=Path, metavar="OUT_DIR", help="output directories of `trace`")
+    report.add_argument("runs", nargs="+", type=Path, metavar="OUT_DIR", help="output directories of `run`")
 
     demo = commands.add_parser("demo", help="run the packaged demonstration")
     demo.add_argument("--out", type=Path, default=Path("audiolens-ct-demo"), help="output folder (default: %(default)s)")
@@ -148,37 +156,36 @@ def _model_ref(name: str) -> str:
     return str(path.resolve()) if path.is_dir() else name
 
 
-def _trace(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def trace_config(args: argparse.Namespace) -> TraceConfig:
+    """The `TraceConfig` of parsed `run` arguments (`TRACE_FLAGS` gives every field its flag)."""
+    return TraceConfig(**{f.name: getattr(args, f.name) for f in fields(TraceConfig)})
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import torch
 
-    from audiolens_ct.model import HookedLALM, check_device, read_checkpoint_config
+    from audiolens_ct.experiment import longer_than_window, prompts_of, run_experiment, run_settings
+    from audiolens_ct.hub import read_checkpoint_config
+    from audiolens_ct.model import HookedLALM, check_device
     from audiolens_ct.ports import get_port, port_for_config
     from audiolens_ct.report import write_report
     from audiolens_ct.store import RunStore
-    from audiolens_ct.sweep import longer_than_window, prompts_of, run_sweep, sweep_settings
     from audiolens_ct.tracing.audit import versions
 
-    if args.max_batch < 1:
-        raise CliError(f"--max-batch must be at least 1, got {args.max_batch}")
+    config = trace_config(args)
     check_device(args.device)
     samples, dataset = _samples(args)
     model_ref = _model_ref(args.model)
     port = get_port(args.port) if args.port else port_for_config(read_checkpoint_config(model_ref), model_ref)
-    options = dict(corruption=args.corruption, modes=args.modes, engine=args.engine, kind=args.kind,
-                   window=args.window, seed=args.seed, noise_scale=args.noise_scale,
-                   noise_copies=args.noise_copies, transcript_policy=args.transcript_policy,
-                   long_audio=args.long_audio)  # fmt: skip
     store = RunStore(args.out)
-    store.check(sweep_settings(model_ref, port.name, dataset, **options), prompts_of(samples), versions(),
-                args.accept_versions)  # fmt: skip
-    longer_than_window(samples, port, args.long_audio)  # --long-audio error: refused before the model loads
+    store.check(run_settings(model_ref, port, dataset, config), prompts_of(samples), versions(), args.accept_versions)
+    longer_than_window(samples, port, config.long_audio)  # --long-audio error: refused before the model loads
     command = shlex.join(["audiolens-ct", *argv])
     dtype = getattr(torch, args.dtype) if args.dtype else None
     with store.lock(command):  # a second writer is refused here, before the model loads
         model = HookedLALM.from_pretrained(model_ref, port=args.port, device=args.device, dtype=dtype)
-        summary = run_sweep(model, samples, args.out, max_batch=args.max_batch, audit=not args.no_audit,
-                            dataset=dataset, command=command, progress=not args.no_progress,
-                            accept_versions=args.accept_versions, **options)  # fmt: skip
+        summary = run_experiment(model, samples, args.out, config, dataset=dataset, command=command,
+                                 progress=not args.no_progress, accept_versions=args.accept_versions)  # fmt: skip
         report = write_report(args.out)
     print(
         f"{summary.total} samples: {summary.kept} kept, {summary.excluded} excluded, {summary.errors} errors "
@@ -214,16 +221,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        demo = importlib.import_module("audiolens_ct.demo")
-    except ModuleNotFoundError as exc:
-        if exc.name != "audiolens_ct.demo":
-            raise
-        demo = None
-    run_demo: Any = getattr(demo, "run_demo", None)
-    if run_demo is None:
-        print("audiolens-ct: the demo is not available yet", file=sys.stderr)
-        return 2
+    from audiolens_ct.demo import run_demo
+
     print(f"demo written to {run_demo(args.out).resolve()}")
     return 0
 
@@ -232,9 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 on success, 2 for bad input, 130 when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command in RENAMED_VERBS:
+        print(f"audiolens-ct: note: `{args.command}` is now `{RENAMED_VERBS[args.command]}`; the old name goes in 0.4",
+              file=sys.stderr)  # fmt: skip
     try:
-        if args.command == "trace":
-            return _trace(args, argv)
+        if args.command in ("run", *RENAMED_VERBS):
+            return _run(args, argv)
         if args.command == "plot":
             return _plot(args)
         if args.command == "report":

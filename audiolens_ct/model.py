@@ -15,10 +15,9 @@ at every position, audio rows included, and the logits equal the original model'
 
 from __future__ import annotations
 
-import json
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,8 +28,12 @@ from transformer_lens.model_bridge.sources import build_bridge_from_module
 
 from audiolens_ct.audio import as_waveform
 from audiolens_ct.errors import CheckpointError, InputError
+from audiolens_ct.hub import read_checkpoint_config
 from audiolens_ct.inputs import LALMInput, object_span, text_segments
 from audiolens_ct.ports import AudioHooks, Port, get_port, port_for_config
+
+_HOOK_LEVELS = itertools.count(1_000_000)
+"""Context levels of the audio hooks added by `HookedLALM.hooks`, so each context removes exactly its own."""
 
 HookList = Sequence[tuple[str | Callable[[str], bool], Callable]]
 NamesFilter = str | list[str] | Callable[[str], bool] | None
@@ -45,32 +48,6 @@ def _names_predicate(names_filter: NamesFilter) -> Callable[[str], bool]:
         wanted = set(names_filter)
         return lambda name: name in wanted
     return names_filter
-
-
-def read_checkpoint_config(name_or_path: str) -> dict[str, Any]:
-    """`config.json` of a local directory or a hub id (hub cache honoured, offline mode respected)."""
-    path = Path(name_or_path).expanduser()
-    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
-    if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{path}: no config.json in this directory; is it a saved checkpoint?")
-    elif looks_local or path.exists():
-        raise CheckpointError(f"{name_or_path}: no such checkpoint directory")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            config_file = Path(hf_hub_download(name_or_path, "config.json"))
-        except Exception as exc:  # hub errors come in many types; the message is what matters
-            raise CheckpointError(
-                f"{name_or_path}: not a local directory, and no config.json for it in the hub or its cache "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from exc
 
 
 def available_devices() -> list[str]:
@@ -292,7 +269,9 @@ class HookedLALM(nn.Module):
         return out
 
     @contextmanager
-    def _spliced(self, inp: LALMInput) -> Iterator[None]:
+    def spliced(self, inp: LALMInput) -> Iterator[None]:
+        """Within this context, any bridge forward writes `inp`'s audio rows at `hook_embed` (what `forward` does);
+        for code that drives the bridge's modules directly, as the fast engine does."""
         if not isinstance(inp, LALMInput):
             raise InputError(
                 f"HookedLALM needs an LALMInput from model.prepare(...), got {type(inp).__name__}; "
@@ -309,14 +288,15 @@ class HookedLALM(nn.Module):
     # -- running -------------------------------------------------------------------------------------------------------
     def forward(self, inp: LALMInput, **kwargs: Any) -> Any:
         """Logits `[batch, pos, d_vocab]` (or another bridge `return_type`) for a prepared input."""
-        with self._spliced(inp):
+        with self.spliced(inp):
             return self.bridge(inp.tokens, **kwargs)
 
     @contextmanager
     def hooks(self, fwd_hooks: HookList = (), bwd_hooks: HookList = (), reset_hooks_end: bool = True) -> Iterator[HookedLALM]:
         """Temporarily add hooks (bridge names or `audio.*` names, or name predicates), like TransformerLens."""
         audio_points = self.audio.hook_points()
-        handles = []
+        level = next(_HOOK_LEVELS)
+        touched = []
 
         def split(hook_list: HookList, direction: str) -> list:
             for_bridge = []
@@ -327,7 +307,9 @@ class HookedLALM(nn.Module):
                     targets = []
                 else:
                     targets = [hp for audio_name, hp in audio_points.items() if name(audio_name)]
-                handles.extend((hp, direction, hp.add_hook(fn, dir=direction)) for hp in targets)
+                for hp in targets:
+                    hp.add_hook(fn, dir=direction, level=level)
+                    touched.append((hp, direction))
                 if not (isinstance(name, str) and name in audio_points):
                     for_bridge.append((name, fn))
             return for_bridge
@@ -338,8 +320,8 @@ class HookedLALM(nn.Module):
                 yield self
         finally:
             if reset_hooks_end:
-                for hp, direction, handle in handles:
-                    self.bridge._remove_temporary_hook(hp, direction, handle)
+                for hp, direction in touched:
+                    hp.remove_hooks(direction, level=level)
 
     def run_with_hooks(
         self, inp: LALMInput, fwd_hooks: HookList = (), bwd_hooks: HookList = (), **kwargs: Any
@@ -362,7 +344,7 @@ class HookedLALM(nn.Module):
         audio_hooks = [(name, save) for name in audio_names if wanted(name)]
         bridge_names = [n for n in self.bridge.hook_dict if n not in audio_names and wanted(n)]
         bridge_filter = None if names_filter is None else (lambda n: n not in audio_names and wanted(n))
-        with self.hooks(fwd_hooks=audio_hooks), self._spliced(inp):
+        with self.hooks(fwd_hooks=audio_hooks), self.spliced(inp):
             if bridge_names or names_filter is None:
                 out, cache = self.bridge.run_with_cache(
                     inp.tokens, names_filter=bridge_filter, remove_batch_dim=remove_batch_dim, **kwargs

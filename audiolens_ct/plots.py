@@ -10,7 +10,7 @@ Every function returns a `plotly.graph_objects.Figure`. A CI band is a filled ar
 "<line> 95% CI"; it is absent where there is no interval (n = 1). Each panel's subtitle gives n, the number of kept
 samples behind its curves; points with n < 2 have open markers and the subtitle flags them. Layer axes tick whole
 layers only. `write_figures` writes interactive HTML, and PNG/SVG only where a static exporter (kaleido) is
-installed.
+installed. The runs to draw come from `audiolens_ct.aggregate.load_runs`; this module only draws.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +25,8 @@ import plotly.graph_objects as go
 from plotly.colors import DEFAULT_PLOTLY_COLORS, unlabel_rgb
 from plotly.subplots import make_subplots
 
-from audiolens_ct.aggregate import aggregate_run
+from audiolens_ct.aggregate import Run
+from audiolens_ct.aggregate import load_runs as load_runs  # re-exported, to call beside write_figures
 from audiolens_ct.inputs import SEGMENT_NAMES
 from audiolens_ct.store import safe_name
 
@@ -51,32 +51,6 @@ SEGMENT_STYLES = {  # each segment its own dash and marker; markers shrink in dr
     "late_prompt": Style("dashdot", "diamond", 8),
     "last": Style("dot", "triangle-up", 6),
 }
-
-
-@dataclass
-class Run:
-    """One output directory's aggregate, with the label its lines carry in overlaid figures."""
-
-    label: str
-    aggregate: dict[str, Any]
-    path: Path | None = None
-
-    @property
-    def attributes(self) -> list[str]:
-        return list(self.aggregate["attributes"])
-
-
-def load_runs(out_dirs: Sequence[str | Path]) -> list[Run]:
-    """Aggregate each output directory's records (fresh, so a resumed run is never shown stale).
-
-    Lines are labelled by model name; runs of the same model add their directory name (and their place in
-    `out_dirs` if that is not enough).
-    """
-    aggregates = [aggregate_run(d, write=False) for d in out_dirs]
-    names = [Path(str(a["settings"].get("model", "run"))).name for a in aggregates]
-    labels = [n if names.count(n) == 1 else f"{n} ({Path(d).name})" for n, d in zip(names, out_dirs, strict=True)]
-    labels = [label if labels.count(label) == 1 else f"{label} #{i + 1}" for i, label in enumerate(labels)]
-    return [Run(label, agg, Path(d)) for label, agg, d in zip(labels, aggregates, out_dirs, strict=True)]
 
 
 def _attributes(runs: Sequence[Run]) -> list[str]:

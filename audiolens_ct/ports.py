@@ -12,6 +12,7 @@ Ports are found by name: the built-in ones in `model_ports/`, and third-party on
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -25,8 +26,6 @@ from transformer_lens.hook_points import HookPoint
 from audiolens_ct.errors import PortError
 
 ENTRY_POINT_GROUP = "audiolens_ct.ports"
-
-
 
 
 class AudioHooks(nn.Module):
@@ -67,16 +66,43 @@ class Backbone:
     text_config: Any
 
 
+@dataclass(frozen=True)
+class TinyVariant:
+    """One tiny configuration the conformance suite runs a port on (`tests/test_conformance.py`).
+
+    Attributes:
+        name: the test id suffix (e.g. "gqa").
+        overrides: passed to `Port.tiny` (config overrides).
+        clip_seconds: the clip lengths checked (the first is also silenced for the patching checks).
+        prepare_kwargs: extra `HookedLALM.prepare` arguments (e.g. a DeSTA `transcript`, so no ASR runs).
+        prompt: the question, when not the gender track's (a shorter one keeps the patching checks cheap).
+        patching: also run the two patching checks (TransformerLens patching vs a plain HF loop, the fast engine
+            vs the reference engine), which cost one forward per (layer, position): small variants only.
+    """
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    clip_seconds: tuple[float, ...] = (0.6, 3.0)
+    prepare_kwargs: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
+    patching: bool = False
+
+
 class Port:
     """Base class of a model port. Subclasses fill in the class attributes and the methods below.
 
     Class attributes:
         name: the registry name (e.g. "qwen2-audio").
-        hf_ids: example hub ids, for docs and error messages.
+        hf_ids: example hub ids; the registry names them when no port recognises a checkpoint.
         sampling_rate: the waveform rate the audio front-end expects.
         architectures: `config.architectures` / `config.model_type` values this port loads.
         audio_window: the seconds of audio the model hears: its processor cuts a longer clip to its first
             `audio_window` seconds (None: no limit in this port).
+        reads_transcript: whether the model reads an ASR transcript beside the audio, so that the tracing option
+            `transcript_policy` means something for it (`twin_kwargs`, `input_record`).
+        model_class, processor_class: for a native transformers family, the classes whose `from_pretrained` the
+            default `load` calls (None: the port overrides `load`).
+        tiny_variants: the tiny configurations the conformance suite checks this port on.
     """
 
     name: ClassVar[str] = ""
@@ -84,11 +110,24 @@ class Port:
     sampling_rate: ClassVar[int] = 16000
     architectures: ClassVar[tuple[str, ...]] = ()
     audio_window: ClassVar[float | None] = None
+    reads_transcript: ClassVar[bool] = False
+    model_class: ClassVar[type[nn.Module] | None] = None
+    processor_class: ClassVar[type | None] = None
+    tiny_variants: ClassVar[tuple[TinyVariant, ...]] = (TinyVariant("default", patching=True),)
 
     # -- loading -----------------------------------------------------------------------------------------------------
     def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
-        """Load `(hf_model, processor)` from a hub id or a local directory in the release layout."""
-        raise NotImplementedError
+        """Load `(hf_model, processor)` from a hub id or a local directory in the release layout.
+
+        The default calls `model_class.from_pretrained` (fp32 unless `dtype`) and `processor_class.from_pretrained`.
+        """
+        if self.model_class is None or self.processor_class is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no model_class / processor_class; override load()")
+        model = self.model_class.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+        processor = self.processor_class.from_pretrained(name_or_path)
+        if device is not None:
+            model = model.to(device)
+        return model.eval(), processor
 
     def matches(self, config: dict[str, Any]) -> bool:
         """Whether a checkpoint's `config.json` (as a dict) belongs to this port."""
@@ -96,12 +135,26 @@ class Port:
         return bool(names & set(self.architectures))
 
     def tiny(self, **config_overrides: Any) -> tuple[nn.Module, Any]:
-        """A random-weight model and a working processor, built offline (see `audiolens_ct.testing`)."""
+        """A random-weight model and a working processor, built offline (`model_ports._tiny` has the parts)."""
         raise NotImplementedError
 
     # -- structure ---------------------------------------------------------------------------------------------------
     def backbone(self, hf_model: nn.Module) -> Backbone:
-        """The causal-LM shell sharing `hf_model`'s decoder and `lm_head` (no weight copy)."""
+        """The causal-LM shell sharing `hf_model`'s decoder and `lm_head` (no weight copy).
+
+        TransformerLens bridges the shell. The fast tracing engine also runs the decoder layers itself, so the
+        backbone must be a decoder-only RoPE model laid out as every current transformers one (Llama, Qwen2,
+        Mistral, Gemma...):
+        - each decoder layer is called as a Hugging Face decoder layer,
+          `layer(hidden, attention_mask=None, position_ids=..., position_embeddings=(cos, sin))`, and returns the
+          hidden states (or a tuple starting with them); its attention and MLP are child modules of the layer
+          (the bridge's `attn` / `mlp` components);
+        - the attention module dispatches through transformers' `ALL_ATTENTION_FUNCTIONS`, chosen by
+          `config._attn_implementation` (the engine registers its own function and selects it there);
+        - the decoder (`causal_lm.model`) has `rotary_emb(hidden, position_ids)` giving the `(cos, sin)` the layers
+          take.
+        `audiolens_ct.testing.check_fast_engine` checks a port against these requirements.
+        """
         raise NotImplementedError
 
     def tokenizer(self, processor: Any) -> Any:
@@ -137,9 +190,15 @@ class Port:
         """The original model's own forward pass on `inputs` (an `LALMInput`): the conformance oracle."""
         raise NotImplementedError
 
-    def decoder_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        """The decoder layers of the text model (for engines that run layers directly)."""
-        return self.backbone(hf_model).causal_lm.model.layers
+    # -- the corrupted twin ------------------------------------------------------------------------------------------
+    def twin_kwargs(self, extras: dict[str, Any], transcript_policy: str) -> dict[str, Any]:
+        """Extra `HookedLALM.prepare` arguments for the corrupted twin of a batch-1 input whose port extras are
+        `extras` (beyond the clean input's own), under the tracing option `transcript_policy`. Default: none."""
+        return {}
+
+    def input_record(self, extras: dict[str, Any]) -> dict[str, Any]:
+        """JSON-ready facts about one prepared batch-1 input worth keeping in a trace record. Default: none."""
+        return {}
 
 
 def meta_shell(causal_lm_cls: type[nn.Module], text_config: Any, decoder: nn.Module, lm_head: nn.Module) -> nn.Module:
@@ -160,6 +219,8 @@ def meta_shell(causal_lm_cls: type[nn.Module], text_config: Any, decoder: nn.Mod
 
 # -- registry ----------------------------------------------------------------------------------------------------------
 
+# The built-in ports, written here only (not also as entry points of this package): they then resolve from a source
+# checkout and never from installed metadata that may be stale. Third-party ports use the entry-point group.
 _BUILTIN = {
     "qwen2-audio": "model_ports.qwen2_audio:Qwen2AudioPort",
     "voxtral": "model_ports.voxtral:VoxtralPort",
@@ -203,12 +264,12 @@ def available_ports() -> list[str]:
 
 
 def get_port(name: str | Port) -> Port:
-    """Resolve a port by name (built-in, entry point, or registered)."""
+    """Resolve a port by name: registered at run time, else built-in, else an installed entry point."""
     if isinstance(name, Port):
         return name
     if name in _registry:
         return _registry[name]
-    target = _discover().get(name) or _BUILTIN.get(name)
+    target = _BUILTIN.get(name) or _discover().get(name)
     if target is None:
         raise PortError(f"unknown port {name!r}; available ports: {', '.join(available_ports())}")
     try:
@@ -230,6 +291,18 @@ def port_for_config(config: dict[str, Any], source: str) -> Port:
             return port
     arch = config.get("architectures") or config.get("model_type")
     raise PortError(
-        f"{source}: no port recognises architecture {arch!r}; available ports: {', '.join(available_ports())}. "
+        f"{source}: no port recognises architecture {arch!r}; available ports: {_described(available_ports())}. "
         "Pass port=... explicitly or add a port (see CONTRIBUTING.md)."
     )
+
+
+def _described(names: list[str]) -> str:
+    """`name (e.g. hub id, ...)` for each port that imports, so a user sees which checkpoints each one loads."""
+    out = []
+    for name in names:
+        try:
+            ids = get_port(name).hf_ids
+        except PortError:
+            ids = ()
+        out.append(f"{name} (e.g. {', '.join(ids)})" if ids else name)
+    return "; ".join(out)

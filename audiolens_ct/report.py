@@ -15,8 +15,8 @@ from typing import Any
 
 from plotly.offline import get_plotlyjs
 
-from audiolens_ct.aggregate import INTERVAL, aggregate_run
-from audiolens_ct.plots import NO_INTERVAL, Run, layer_rr_figure, segment_rr_figure, token_rr_heatmap
+from audiolens_ct.aggregate import INTERVAL, Run, load_aggregate
+from audiolens_ct.plots import NO_INTERVAL, layer_rr_figure, segment_rr_figure, token_rr_heatmap
 from audiolens_ct.store import RunStore, atomic_write_text
 
 REPORT = "report.html"
@@ -185,9 +185,10 @@ def render_report(run: Run, manifest: dict[str, Any] | None) -> str:
 
 
 def write_report(out_dir: str | Path) -> Path:
-    """Aggregate `out_dir`'s records (rewriting `aggregate.json`) and write `out_dir/report.html`."""
+    """Write `out_dir/report.html` from the run's aggregate (`aggregate.json`, rewritten first if it is missing or
+    older than the records)."""
     out_dir = Path(out_dir)
-    aggregate = aggregate_run(out_dir)
+    aggregate = load_aggregate(out_dir)
     label = Path(str(aggregate["settings"].get("model", out_dir.name))).name
     page = render_report(Run(label, aggregate, out_dir), RunStore(out_dir).manifest())
     return atomic_write_text(out_dir / REPORT, page)

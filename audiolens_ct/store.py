@@ -40,9 +40,6 @@ _HELD: dict[Path, int] = {}
 """Output directories whose lock this process holds, with the lock file's descriptor (the lock is re-entrant)."""
 
 
-
-
-
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same folder and `os.replace`: readers (and a
     resumed run) see the old file or the whole new one, never a part."""
@@ -113,12 +110,9 @@ class RunStore:
         return atomic_write_json(self.record_path(record["attribute"], record["sample_id"]), record)
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """Every stored record, sorted by attribute then sample id (so aggregates do not depend on finish order)."""
-        found = []
+        """Every stored record, in no set order (`aggregate_records` sorts what it averages)."""
         for path in (self.root / RECORDS).glob("*/*.json"):
-            record = json.loads(path.read_text(encoding="utf-8"))
-            found.append(record)
-        yield from sorted(found, key=lambda r: (r["attribute"], r["sample_id"]))
+            yield json.loads(path.read_text(encoding="utf-8"))
 
     def remove_stale_temporaries(self) -> int:
         """Delete the temporary files killed runs left behind (those of live processes are kept); returns how

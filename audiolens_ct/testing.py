@@ -1,16 +1,19 @@
 """Tiny models built offline, and the port conformance kit.
 
-`tiny_model(port)` gives a random-weight model and a working processor for any port, without a download: the
-tokenizer is a small byte-level BPE trained in code on the AudioLens prompts, with the model's special tokens.
+`tiny_model(port)` gives a random-weight model and a working processor for any port, without a download (the port's
+`tiny()`, built from `model_ports._tiny`: a small byte-level BPE tokenizer trained in code, random weights).
 
-The conformance kit states what every port (built-in or third-party) must satisfy; a port's tests call
-`check_port(port_name, hf_model, processor, waves)`, or the single checks:
+The conformance kit states what every port (built-in or third-party) must satisfy; `tests/test_conformance.py` runs
+`check_port(port_name, hf_model, processor, waves)` on every port's `tiny_variants`. Each check raises an
+`AssertionError` naming what differs, and returns the measured difference for reporting:
 
 - `check_logits_match`: `HookedLALM` logits equal the original model's own forward (fp32 max |diff| <= 1e-5);
 - `check_embed_is_resid_pre`: `hook_embed` equals `blocks.0.hook_resid_pre` at every position, audio rows included;
 - `check_patch_is_causal`: patching position p at layer l leaves every earlier position unchanged;
 - `check_tl_patching`: `transformer_lens.patching.get_act_patch_resid_pre` through `HookedLALM` equals a plain
-  patching loop on the original model (forward pre-hook on decoder layer l replacing position p).
+  patching loop on the original model (forward pre-hook on decoder layer l replacing position p);
+- `check_fast_engine`: the fast tracing engine runs the port's backbone (the requirements on `Port.backbone`) and
+  gives the reference engine's numbers.
 """
 
 from __future__ import annotations
@@ -18,68 +21,37 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import nn
 
+from audiolens_ct.data.prompts import TRACKS
 from audiolens_ct.inputs import LALMInput
 from audiolens_ct.model import HookedLALM
-from audiolens_ct.ports import get_port
+from audiolens_ct.ports import Port, get_port
+from model_ports._tiny import tiny_bpe_tokenizer
+
+__all__ = [
+    "ATOL",
+    "ConformanceReport",
+    "check_embed_is_resid_pre",
+    "check_fast_engine",
+    "check_logits_match",
+    "check_patch_is_causal",
+    "check_port",
+    "check_tl_patching",
+    "decoder_layers",
+    "hf_patch_loop",
+    "tiny_bpe_tokenizer",
+    "tiny_model",
+    "tone",
+]
 
 ATOL = 1e-5
-
-_PROMPT_WORDS = """
-What animal makes the sound? Possible options: dog, cat, pig, cow, frog, hen, rooster, sheep, crow.
-What is the emotion of the speaker in the speech? Possible options: angry, disgust, fear, happy, sad.
-What is the gender of the speaker in the speech? Possible options: male, female.
-What is the language spoken in the speech? Possible options: English, German, Spanish, French, Italian, Chinese,
-Japanese, Korean. The sound file's animal is The speaker's emotion is The speaker's gender is
-The speech's spoken language is You are a helpful assistant. system user assistant Audio 1: Focus on the audio
-clips and instructions. Describe this audio. Thank you for calling. Goodbye. Cutting Knowledge Date: December 2023
-Today Date: 26 Jul 2024 transcribe the speech hello world the a an of in to and is it that this
-"""
-_OPTION_WORDS = (
-    "dog cat pig cow frog hen rooster sheep crow angry disgust fear happy sad male female "
-    "English German Spanish French Italian Chinese Japanese Korean"
-).split()
-
-
-@cache
-def _trained_bpe(special_tokens: tuple[str, ...], vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # Every option is seen often with and without a leading space, so each becomes one token both ways.
-    corpus = [_PROMPT_WORDS] * 20 + [f" {w}" for w in _OPTION_WORDS for _ in range(50)] + _OPTION_WORDS * 50
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return tok.to_str()
-
-
-def tiny_bpe_tokenizer(
-    special_tokens: Sequence[str], vocab_size: int = 600, **special_roles: str
-) -> Any:
-    """A small byte-level BPE tokenizer trained in code, with `special_tokens` as single ids.
-
-    `special_roles` names roles such as `eos_token="<|endoftext|>"`, `pad_token=...`, `bos_token=...`.
-    """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer.from_str(_trained_bpe(tuple(special_tokens), vocab_size))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special_roles)
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special_tokens]})
-    return tokenizer
+GENDER = TRACKS["gender"]
 
 
 def tiny_model(port: str, seed: int = 0, **config_overrides: Any) -> tuple[nn.Module, Any]:
@@ -88,7 +60,7 @@ def tiny_model(port: str, seed: int = 0, **config_overrides: Any) -> tuple[nn.Mo
     return get_port(port).tiny(**config_overrides)
 
 
-def tone(seconds: float, freq: float = 220.0, rate: int = 16000, seed: int = 0) -> np.ndarray:
+def tone(seconds: float, freq: float = 220.0, rate: int = 16000, seed: int = 0) -> Float[np.ndarray, " samples"]:
     """A test clip: a tone with a little noise, float32 mono."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
@@ -100,10 +72,18 @@ def tone(seconds: float, freq: float = 220.0, rate: int = 16000, seed: int = 0) 
 
 @dataclass
 class ConformanceReport:
+    """The largest difference each check measured (NaN: the check was not run)."""
+
     logits_max_diff: float
     embed_resid_max_diff: float
     causal_max_diff_before: float
     tl_patching_max_diff: float
+    fast_engine_max_diff: float = float("nan")
+
+
+def decoder_layers(port: Port, hf_model: nn.Module) -> nn.ModuleList:
+    """The text decoder's layers of `hf_model`, found through the port's backbone shell (for plain-HF loops)."""
+    return port.backbone(hf_model).causal_lm.model.layers
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -158,7 +138,7 @@ def hf_patch_loop(
 ) -> torch.Tensor:
     """The plain-HF oracle: a forward pre-hook on decoder layer l replaces position p with the clean value."""
     port = get_port(port_name)
-    decoder_layers = port.decoder_layers(reference)
+    layers_of = decoder_layers(port, reference)
     captured: dict[int, torch.Tensor] = {}
 
     def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -170,7 +150,7 @@ def hf_patch_loop(
 
         return hook
 
-    handles = [decoder_layers[lay].register_forward_pre_hook(capture(lay), with_kwargs=True) for lay in layers]
+    handles = [layers_of[lay].register_forward_pre_hook(capture(lay), with_kwargs=True) for lay in layers]
     with torch.no_grad():
         port.hf_logits(reference, clean)
     for h in handles:
@@ -187,7 +167,7 @@ def hf_patch_loop(
                     return (hidden, *args[1:]), kwargs
                 return args, {**kwargs, "hidden_states": hidden}
 
-            handle = decoder_layers[lay].register_forward_pre_hook(replace, with_kwargs=True)
+            handle = layers_of[lay].register_forward_pre_hook(replace, with_kwargs=True)
             with torch.no_grad():
                 out[i, j] = metric(port.hf_logits(reference, corrupted))
             handle.remove()
@@ -215,12 +195,33 @@ def check_tl_patching(
     return diff
 
 
+def check_fast_engine(
+    model: HookedLALM, wave: Float[np.ndarray, " samples"] | None = None, prompt: str = GENDER.prompt,
+    response_prefix: str = GENDER.response_prefix, options: Sequence[str] = GENDER.labels, atol: float = 1e-6,
+    **prepare_kwargs: Any,
+) -> float:
+    """The fast engine runs the port's backbone (`Port.backbone`'s requirements) and its layer- and token-wise
+    patched probabilities equal the TransformerLens reference engine's on one clip (default: a 0.5-s tone)."""
+    from audiolens_ct.tracing import trace
+    from audiolens_ct.tracing.decoder import plain_decoder
+
+    plain_decoder(model)  # the backbone's own layers, unwrapped from the bridge: fails here on a foreign layout
+    wave = tone(0.5, rate=model.port.sampling_rate) if wave is None else wave
+    common = dict(target=options[0], options=list(options), trace_excluded=True, audit=False, port_kwargs=prepare_kwargs)
+    fast = trace(model, wave, prompt, response_prefix, engine="fast", **common)
+    reference = trace(model, wave, prompt, response_prefix, engine="transformer_lens", **common)
+    diff = max(float(np.abs(fast.p_layer - reference.p_layer).max()), float(np.abs(fast.p_token - reference.p_token).max()))
+    assert diff <= atol, f"{model.port.name}: the fast engine's patched probabilities differ from the reference by {diff:.3g}"
+    return diff
+
+
 def check_port(
-    port_name: str, hf_model: nn.Module, processor: Any, waves: Sequence[np.ndarray], prompt: str = "What is the gender "
-    "of the speaker in the speech? Possible options: male, female.", response_prefix: str = "The speaker's gender is",
-    options: Sequence[str] = ("male", "female"), tl_patching: bool = True, **prepare_kwargs: Any,
+    port_name: str, hf_model: nn.Module, processor: Any, waves: Sequence[np.ndarray], prompt: str = GENDER.prompt,
+    response_prefix: str = GENDER.response_prefix, options: Sequence[str] = GENDER.labels, tl_patching: bool = True,
+    fast_engine: bool = False, **prepare_kwargs: Any,
 ) -> ConformanceReport:
-    """Run every conformance check for one port on the given clips (the first is also silenced for patching)."""
+    """Run the conformance checks for one port on the given clips (the first is also silenced for the patching
+    checks). `tl_patching` and `fast_engine` add the two patching checks, which cost one forward per patch."""
     reference = copy.deepcopy(hf_model).eval()
     model = HookedLALM.from_hf(hf_model, processor, port=port_name)
     inputs = [model.prepare(w, prompt, response_prefix, options=options, **prepare_kwargs) for w in waves]
@@ -230,4 +231,8 @@ def check_port(
     corrupted = model.prepare_like(clean, np.zeros_like(waves[0]))
     causal = check_patch_is_causal(model, clean, corrupted)
     tl_diff = check_tl_patching(model, reference, clean, corrupted) if tl_patching else float("nan")
-    return ConformanceReport(logits_diff, embed_diff, causal, tl_diff)
+    fast_diff = (
+        check_fast_engine(model, waves[0], prompt, response_prefix, options, **prepare_kwargs)
+        if fast_engine else float("nan")
+    )  # fmt: skip
+    return ConformanceReport(logits_diff, embed_diff, causal, tl_diff, fast_diff)

@@ -62,8 +62,9 @@ def nnsight_patch_loop(reference, clean, corrupted, layers, positions, target) -
     from nnsight import NNsight
 
     from audiolens_ct.ports import get_port
+    from audiolens_ct.testing import decoder_layers as layers_of
 
-    decoder_layers = get_port("qwen2-audio").decoder_layers(reference)
+    decoder_layers = layers_of(get_port("qwen2-audio"), reference)
     names = {id(module): name for name, module in reference.named_modules()}
     lm = NNsight(reference)
 
@@ -91,11 +92,11 @@ def run_method(args: argparse.Namespace) -> None:
     """Child process: time one method's token-wise grid and write it with the timing to `args.out`."""
     import torch
 
-    from audiolens_ct.data.answers import answer_token
     from audiolens_ct.testing import hf_patch_loop
     from audiolens_ct.tracing import audit, token_wise
-    from audiolens_ct.tracing.engine_fast import evaluate_fast
-    from audiolens_ct.tracing.engine_reference import evaluate_reference
+    from audiolens_ct.tracing.engine_fast import FastEngine
+    from audiolens_ct.tracing.engine_reference import ReferenceEngine
+    from audiolens_ct.tracing.scoring import answer_probability, answer_token
 
     torch.set_num_threads(args.threads)
     model, reference, clean, corrupted = build(args)
@@ -103,8 +104,8 @@ def run_method(args: argparse.Namespace) -> None:
     positions = clean.text_positions
     n_layers = model.cfg.n_layers
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, -1].float().softmax(-1)[:, target].mean()
+    def metric(last_logits: torch.Tensor) -> torch.Tensor:
+        return answer_probability(last_logits, target)
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     if args.device.startswith("cuda"):
@@ -115,25 +116,29 @@ def run_method(args: argparse.Namespace) -> None:
         model(corrupted)  # warm-up; audio rows cached on the inputs
         sync()
         t0 = time.perf_counter()
-        sweep = token_wise(n_layers, positions, positions)
+        patches = token_wise(n_layers, positions, positions)
         if args.method == "fast":
-            grid = evaluate_fast(model, sweep, cache, corrupted, target, max_batch=args.max_batch)
+            engine = FastEngine(max_batch=args.max_batch)
+            run = engine.run_corrupted(model, corrupted)
+            grid = engine.evaluate(model, patches, cache, run, metric)
             sync()
             t_audit = time.perf_counter()
             # what trace() adds with audit on (token mode): the corrupted run and TOKEN_CELLS cells, full forwards
-            cells = [dict(mode="corrupted", fast=float(grid[0]), reference=float(metric(model(corrupted))))]
+            cells = [audit.corrupted_cell(model, run, metric)]
             picks = audit.token_cells(n_layers, len(positions), seed=0, first_live_layer=1)
-            cells += audit.recompute(model, "token-wise", sweep, grid.numpy(), picks, cache, corrupted, metric,
+            cells += audit.recompute(model, "token-wise", patches, grid.numpy(), picks, cache, corrupted, metric,
                                      lambda i: dict(layer=i // len(positions), position=positions[i % len(positions)]))
             verdict = audit.verdict(cells, model)
             sync()
             audit_seconds = time.perf_counter() - t_audit
         elif args.method == "reference":
-            grid = evaluate_reference(model, sweep, cache, corrupted, metric)
+            engine = ReferenceEngine()
+            grid = engine.evaluate(model, patches, cache, engine.run_corrupted(model, corrupted), metric)
         elif args.method == "nnsight":
             grid = nnsight_patch_loop(reference, clean, corrupted, range(n_layers), positions, target)
         else:
-            grid = hf_patch_loop("qwen2-audio", reference, clean, corrupted, range(n_layers), positions, metric)
+            grid = hf_patch_loop("qwen2-audio", reference, clean, corrupted, range(n_layers), positions,
+                                 lambda logits: metric(logits[:, -1]))
         sync()
         seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")

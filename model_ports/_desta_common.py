@@ -16,11 +16,10 @@ Tap conventions (which Whisper states an index names):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
@@ -39,8 +38,10 @@ from transformers import (
 )
 from transformers.models.bert.modeling_bert import BertEncoder
 
-from audiolens_ct.errors import CheckpointError
+from audiolens_ct.errors import CheckpointError, InputError
+from audiolens_ct.hub import checkpoint_file, read_checkpoint_config
 from audiolens_ct.ports import AudioHooks, Backbone, Port, meta_shell
+from model_ports._tiny import tiny_bpe_tokenizer
 
 SAMPLING_RATE = 16000
 TAP_CONVENTIONS = ("hidden_states", "layer_loop")
@@ -50,6 +51,11 @@ LLAMA3_SPECIAL_TOKENS = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", PLACEHOLDER_TOKEN,
 )
 WHISPER_SPECIAL_TOKENS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
+LLAMA_CHAT_TEXT = (
+    "system user assistant audio", "Focus on the input audio.", "Focus on the audio clips and instructions.",
+    "Cutting Knowledge Date: December 2023", "Today Date: 26 Jul 2024",
+)
+"""The DeSTA prompts' own strings (roles, system prompts, the Llama-3.1 date header), learned by the tiny tokenizer."""
 
 
 # -- the connector ---------------------------------------------------------------------------------------------------
@@ -213,62 +219,142 @@ class DestaProcessor:
 
 
 class DestaPortBase(Port):
-    """What both DeSTA ports do alike: the backbone shell and the connector rows."""
+    """What both DeSTA ports do alike: loading the release layout, the backbone shell, the connector, the tiny model,
+    and the transcript hooks of the corrupted twin.
+
+    A subclass sets the class attributes below and `connector_state` (how its release stores the connector).
+    Release `config.json` keys read, each with the release default when absent: the Whisper and LLM ids
+    (`whisper_key`, `llm_key`), `prompt_size`, `target_layer_ids` (else `release_target_layers[whisper id]`),
+    `qformer_num_hidden_layers`, `placeholder_token`, `connector_mode` and `use_lora` (both refused unless as
+    released).
+    """
 
     sampling_rate = SAMPLING_RATE
     audio_window = 30.0  # Whisper features (and its transcript) cover the first 30 s of a clip
+    reads_transcript = True
+    model_class: ClassVar[type[DestaAudioModel]]
+    whisper_key: ClassVar[str]
+    llm_key: ClassVar[str]
+    default_whisper: ClassVar[str]
+    default_llm: ClassVar[str]
+    connector_file: ClassVar[str]
+    tap_convention: str = "layer_loop"
+    # The release's taps per Whisper model (`QformerConnector.__init__`); the releases differ for whisper-large-v3.
+    release_target_layers: ClassVar[dict[str, list[int]]] = {
+        "openai/whisper-tiny": [0, 1, 2, 3],
+        "openai/whisper-small": [2, 5, 8, 11],
+        "openai/whisper-medium": [5, 11, 17, 23],
+    }
+    # The tiny model: Whisper mel bins, chat template, LLM config and Q-Former depth of the release it mimics.
+    tiny_mels: ClassVar[int]
+    tiny_chat_template: ClassVar[str]
+    tiny_llm_config: ClassVar[dict[str, Any]] = {}
+    tiny_qformer_layers: ClassVar[int] = 2
+
+    def __init__(self, whisper: str | None = None, llm: str | None = None) -> None:
+        self.whisper_override = whisper
+        self.llm_override = llm
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        return super().matches(config) or {self.whisper_key, self.llm_key} <= config.keys()
+
+    def connector_state(self, path: Path) -> dict[str, torch.Tensor]:
+        """The connector's state dict from the release file `path` (`connector_file`)."""
+        raise NotImplementedError
+
+    def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+        config = read_checkpoint_config(name_or_path)
+        source = f"{name_or_path}/config.json"
+        if config.get("connector_mode", "qformer_1") != "qformer_1":
+            raise CheckpointError(f"{source}: connector_mode {config['connector_mode']!r} is not supported (qformer_1 is)")
+        if config.get("use_lora"):
+            raise CheckpointError(f"{source}: use_lora=true checkpoints (LoRA on the LLM) are not supported")
+        whisper_id = config.get(self.whisper_key, self.default_whisper)
+        llm_id = config.get(self.llm_key, self.default_llm)
+        settings = DestaSettings(
+            prompt_size=int(config.get("prompt_size", 64)),
+            target_layer_ids=target_layers(config, whisper_id, self.release_target_layers, source),
+            tap_convention=self.tap_convention,
+            placeholder_token=config.get("placeholder_token", PLACEHOLDER_TOKEN),
+        )
+        path = checkpoint_file(name_or_path, self.connector_file, f"the {self.name} connector weights")
+        state = self.connector_state(path)
+        whisper, whisper_processor = load_pretrained(
+            "Whisper model", "whisper", WhisperForConditionalGeneration, AutoProcessor,
+            self.whisper_override or whisper_id, torch.float32, name_or_path,
+        )  # fmt: skip
+        llm, tokenizer = load_pretrained(
+            "LLM", "llm", AutoModelForCausalLM, AutoTokenizer, self.llm_override or llm_id, dtype or torch.float32,
+            name_or_path,
+        )  # fmt: skip
+        connector = build_connector(whisper.config, llm.config, settings, int(config.get("qformer_num_hidden_layers", 2)))
+        load_connector_state(connector, state, str(path))
+        model = self.model_class(whisper, connector, llm, settings).eval()
+        if device is not None:
+            model = model.to(device)
+        return model, DestaProcessor(whisper_processor, tokenizer)
+
+    def tiny(self, **overrides: Any) -> tuple[nn.Module, Any]:
+        """Random weights: a 4-layer Whisper (d 32) tapped at [0, 1, 2, 3], a Q-Former with 64 queries, a 2-layer
+        Llama (d 64, GQA). Overrides: `whisper_config`, `llm_config` (dicts), `prompt_size`, `target_layer_ids`,
+        `qformer_layers`, `tap_convention`."""
+        whisper, whisper_processor = tiny_whisper(self.tiny_mels, **overrides.pop("whisper_config", {}))
+        tokenizer = tiny_llama_tokenizer(self.tiny_chat_template)
+        llm = tiny_llama(tokenizer, **{**self.tiny_llm_config, **overrides.pop("llm_config", {})})
+        settings = DestaSettings(
+            prompt_size=overrides.pop("prompt_size", 64),
+            target_layer_ids=tuple(overrides.pop("target_layer_ids", (0, 1, 2, 3))),
+            tap_convention=overrides.pop("tap_convention", self.tap_convention),
+        )
+        qformer_layers = overrides.pop("qformer_layers", self.tiny_qformer_layers)
+        connector = build_connector(whisper.config, llm.config, settings, qformer_layers)
+        if overrides:
+            raise TypeError(f"{self.name} tiny() got unknown overrides {sorted(overrides)}")
+        return self.model_class(whisper, connector, llm, settings).eval(), DestaProcessor(whisper_processor, tokenizer)
 
     def backbone(self, hf_model: nn.Module) -> Backbone:
         llm = hf_model.llm
         shell = meta_shell(type(llm), llm.config, llm.model, llm.lm_head)
         return Backbone(shell, type(llm).__name__, llm.config)
 
+    def twin_kwargs(self, extras: dict[str, Any], transcript_policy: str) -> dict[str, Any]:
+        """The clean clip's transcript ("clean": only the audio rows differ), or None so that the twin's own
+        audio is transcribed ("corrupted")."""
+        if transcript_policy == "clean":
+            return {"transcript": extras["transcript"]}
+        if transcript_policy == "corrupted":
+            return {"transcript": None}
+        raise InputError(f"unknown transcript policy {transcript_policy!r}; use 'clean' or 'corrupted'")
+
+    def input_record(self, extras: dict[str, Any]) -> dict[str, Any]:
+        return {"transcript": extras["transcript"]}
+
 
 # -- loading release layouts -------------------------------------------------------------------------------------------
 
 
-def resolve_file(name_or_path: str, filename: str, why: str) -> Path:
-    """`filename` of a local checkpoint directory or a hub repo (cache honoured), or a CheckpointError."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        found = path / filename
-        if not found.is_file():
-            raise CheckpointError(f"{path}: no {filename} in this directory ({why})")
-        return found
-    from huggingface_hub import hf_hub_download
-
+def load_pretrained(
+    what: str, option: str, model_class: Any, processor_class: Any, model_id: str, dtype: torch.dtype, source: str
+) -> tuple[nn.Module, Any]:
+    """`model_class` and `processor_class` from a hub id or a local directory (Whisper or the LLM of a release,
+    named by id in its config.json); a CheckpointError names the id and the port option that replaces it."""
     try:
-        return Path(hf_hub_download(name_or_path, filename))
-    except Exception as exc:  # the hub raises many unrelated types; the message is what matters
-        raise CheckpointError(
-            f"{name_or_path}: cannot fetch {filename} ({why}) from the hub or its cache ({type(exc).__name__}: {exc})"
-        ) from exc
-
-
-def load_whisper(whisper_id: str, source: str) -> tuple[WhisperForConditionalGeneration, Any]:
-    """Whisper (fp32, as released) and its processor from a hub id or a local directory."""
-    try:
-        whisper = WhisperForConditionalGeneration.from_pretrained(whisper_id, dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(whisper_id)
+        model = model_class.from_pretrained(model_id, dtype=dtype)
+        processor = processor_class.from_pretrained(model_id)
     except Exception as exc:  # from_pretrained raises OSError, ValueError, hub errors...
         raise CheckpointError(
-            f"{source}: cannot load the Whisper model {whisper_id!r} ({type(exc).__name__}: {exc}); "
-            "download it, or pass whisper=<local directory> to the port"
+            f"{source}: cannot load the {what} {model_id!r} ({type(exc).__name__}: {exc}); "
+            f"download it, or pass {option}=<local directory> to the port"
         ) from exc
-    return whisper.eval(), processor
+    return model.eval(), processor
 
 
-def load_llm(llm_id: str, dtype: torch.dtype, source: str) -> tuple[nn.Module, Any]:
-    """The causal LM and its tokenizer from a hub id or a local directory."""
-    try:
-        llm = AutoModelForCausalLM.from_pretrained(llm_id, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(llm_id)
-    except Exception as exc:  # from_pretrained raises OSError, ValueError, hub errors...
-        raise CheckpointError(
-            f"{source}: cannot load the LLM {llm_id!r} ({type(exc).__name__}: {exc}); "
-            "download it, or pass llm=<local directory> to the port"
-        ) from exc
-    return llm.eval(), tokenizer
+def build_connector(whisper_config: Any, llm_config: Any, settings: DestaSettings, qformer_layers: int) -> QformerConnector:
+    """The connector the configs and settings describe, with random weights."""
+    return QformerConnector(
+        d_model=whisper_config.d_model, n_heads=whisper_config.encoder_attention_heads, n_layers=qformer_layers,
+        prompt_size=settings.prompt_size, n_taps=len(settings.target_layer_ids), llm_hidden_size=llm_config.hidden_size,
+    )
 
 
 def load_connector_state(connector: QformerConnector, state: dict[str, torch.Tensor], source: str) -> None:
@@ -302,13 +388,6 @@ def target_layers(config: dict[str, Any], whisper_id: str, table: dict[str, list
     return tuple(table[whisper_id])
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-
-
 # -- tiny parts (offline, random weights) -----------------------------------------------------------------------------
 
 # Llama-3 chat format: <|begin_of_text|> once, then per message a header, the trimmed content and <|eot_id|>.
@@ -337,10 +416,8 @@ def tiny_llama_tokenizer(chat_template: str) -> Any:
     It has the Llama-3 special tokens and the placeholder, prepends `<|begin_of_text|>` when called with
     `add_special_tokens=True`, keeps "\\n\\n" as one token (Llama-3's 271), and carries `chat_template`.
     """
-    from audiolens_ct.testing import tiny_bpe_tokenizer
-
     tokenizer = tiny_bpe_tokenizer(
-        special_tokens=LLAMA3_SPECIAL_TOKENS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        LLAMA3_SPECIAL_TOKENS, LLAMA_CHAT_TEXT, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
         pad_token="<|eot_id|>",
     )
     tokenizer.add_tokens(["\n\n"])
@@ -351,10 +428,8 @@ def tiny_llama_tokenizer(chat_template: str) -> Any:
 
 def tiny_whisper(n_mels: int, **overrides: Any) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
     """A random-weight Whisper (1500 encoder positions, 30-s features) and a `WhisperProcessor` built in code."""
-    from audiolens_ct.testing import tiny_bpe_tokenizer
-
     tokenizer = tiny_bpe_tokenizer(
-        special_tokens=WHISPER_SPECIAL_TOKENS, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        WHISPER_SPECIAL_TOKENS, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
     eot, sot = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>"])

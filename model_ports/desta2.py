@@ -18,13 +18,14 @@ Release behaviour reproduced (`kehanlu/DeSTA2: desta/modeling_desta.py`):
   The response prefix follows the assistant header.
 
 Checkpoint layout: `config.json` (`llama_model_id`, `whisper_model_id`, `prompt_size`; optionally
-`target_layer_ids`, an extension of this port) and `qformer_connector.pth` (the connector's `torch.save`d state
+`target_layer_ids` and `qformer_num_hidden_layers`, extensions of this port) and `qformer_connector.pth` (the connector's `torch.save`d state
 dict). Whisper and the LLM are loaded by id (`from_pretrained`, hub cache honoured) or from the port's `whisper=`
 / `llm=` overrides. The LLM runs in `dtype` (default fp32; the release uses bf16), Whisper and the connector in fp32.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,37 +34,16 @@ from jaxtyping import Bool, Float, Int
 from torch import nn
 
 from audiolens_ct.errors import CheckpointError, InputError
-from audiolens_ct.model import read_checkpoint_config
-from audiolens_ct.ports import AudioHooks, PortInputs
+from audiolens_ct.ports import AudioHooks, PortInputs, TinyVariant
 from model_ports._desta_common import (
     LLAMA3_CHAT_TEMPLATE,
     SAMPLING_RATE,
     DestaAudioModel,
     DestaPortBase,
-    DestaProcessor,
-    DestaSettings,
-    QformerConnector,
-    load_connector_state,
-    load_llm,
-    load_whisper,
-    resolve_file,
-    target_layers,
-    tiny_llama,
-    tiny_llama_tokenizer,
-    tiny_whisper,
 )
 
-CONNECTOR_FILE = "qformer_connector.pth"
 SYSTEM_PROMPT = "Focus on the input audio."
 AUDIO_PATH = "<audio file>"  # stands for the audio path in the messages; the transcript takes its place
-QFORMER_LAYERS = 2
-# The release's taps per Whisper model (`QformerConnector.__init__`).
-RELEASE_TARGET_LAYERS = {
-    "openai/whisper-tiny": [0, 1, 2, 3],
-    "openai/whisper-small": [2, 5, 8, 11],
-    "openai/whisper-medium": [5, 11, 17, 23],
-    "openai/whisper-large-v3": [3, 7, 11, 15, 19, 23, 27, 31],
-}
 
 
 class Desta2Model(DestaAudioModel):
@@ -88,58 +68,42 @@ class Desta2Port(DestaPortBase):
     name = "desta2"
     hf_ids = ("DeSTA-ntu/DeSTA2-8B-beta",)
     architectures = ("DestaModel",)
+    model_class = Desta2Model
+    whisper_key, default_whisper = "whisper_model_id", "openai/whisper-small"
+    llm_key, default_llm = "llama_model_id", "meta-llama/Meta-Llama-3-8B-Instruct"
+    connector_file = "qformer_connector.pth"
+    release_target_layers = {
+        **DestaPortBase.release_target_layers, "openai/whisper-large-v3": [3, 7, 11, 15, 19, 23, 27, 31],
+    }
+    tiny_mels = 80
+    tiny_chat_template = LLAMA3_CHAT_TEMPLATE
+    tiny_variants = (
+        # A fixed transcript keeps the checks free of the tiny Whisper's random ASR.
+        TinyVariant(
+            "release_like", clip_seconds=(0.7, 4.0), prepare_kwargs={"transcript": " Thank you for calling. Goodbye."}
+        ),
+        # The TL check runs the oracle (Whisper + connector + LLM) once per (layer, position): keep it small.
+        TinyVariant(
+            "patching", {"prompt_size": 4, "target_layer_ids": (0,), "whisper_config": {"encoder_layers": 0}},
+            clip_seconds=(0.5,), prepare_kwargs={"transcript": " Hello.", "system_prompt": "Hi."},
+            prompt="Gender? Options: male, female.", patching=True,
+        ),
+    )
 
     def __init__(
         self, whisper: str | None = None, llm: str | None = None, tap_convention: str = "hidden_states",
         release_resampling: bool = True,
     ) -> None:
-        self.whisper_override = whisper
-        self.llm_override = llm
+        super().__init__(whisper, llm)
         self.tap_convention = tap_convention
         self.release_resampling = release_resampling
 
-    def matches(self, config: dict[str, Any]) -> bool:
-        return super().matches(config) or {"llama_model_id", "whisper_model_id"} <= config.keys()
-
-    def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
-        config = read_checkpoint_config(name_or_path)
-        whisper_id = config.get("whisper_model_id", "openai/whisper-small")
-        llm_id = config.get("llama_model_id", "meta-llama/Meta-Llama-3-8B-Instruct")
-        settings = DestaSettings(
-            prompt_size=int(config.get("prompt_size", 64)),
-            target_layer_ids=target_layers(config, whisper_id, RELEASE_TARGET_LAYERS, f"{name_or_path}/config.json"),
-            tap_convention=self.tap_convention,
-        )
-        connector_file = resolve_file(name_or_path, CONNECTOR_FILE, "the DeSTA2 connector weights")
+    def connector_state(self, path: Path) -> dict[str, torch.Tensor]:
+        """The release's `torch.save`d connector state dict."""
         try:
-            state = torch.load(connector_file, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load raises several types for corrupt or foreign files
-            raise CheckpointError(f"{connector_file}: not a torch-saved state dict ({exc})") from exc
-        whisper, whisper_processor = load_whisper(self.whisper_override or whisper_id, name_or_path)
-        llm, tokenizer = load_llm(self.llm_override or llm_id, dtype or torch.float32, name_or_path)
-        connector = _connector(whisper.config, llm.config, settings)
-        load_connector_state(connector, state, str(connector_file))
-        model = Desta2Model(whisper, connector, llm, settings).eval()
-        if device is not None:
-            model = model.to(device)
-        return model, DestaProcessor(whisper_processor, tokenizer)
-
-    def tiny(self, **overrides: Any) -> tuple[nn.Module, Any]:
-        """Random weights: a 4-layer Whisper (80 mels, d 32) tapped at [0, 1, 2, 3] (whisper-tiny's taps), a 2-layer
-        Q-Former with 64 queries, a 2-layer Llama (d 64); the Llama-3 chat template. Overrides:
-        `whisper_config`, `llm_config` (dicts), `prompt_size`, `target_layer_ids`, `tap_convention`."""
-        whisper, whisper_processor = tiny_whisper(n_mels=80, **overrides.pop("whisper_config", {}))
-        tokenizer = tiny_llama_tokenizer(LLAMA3_CHAT_TEMPLATE)
-        llm = tiny_llama(tokenizer, **overrides.pop("llm_config", {}))
-        settings = DestaSettings(
-            prompt_size=overrides.pop("prompt_size", 64),
-            target_layer_ids=tuple(overrides.pop("target_layer_ids", (0, 1, 2, 3))),
-            tap_convention=overrides.pop("tap_convention", self.tap_convention),
-        )
-        if overrides:
-            raise TypeError(f"desta2 tiny() got unknown overrides {sorted(overrides)}")
-        connector = _connector(whisper.config, llm.config, settings)
-        return Desta2Model(whisper, connector, llm, settings).eval(), DestaProcessor(whisper_processor, tokenizer)
+            raise CheckpointError(f"{path}: not a torch-saved state dict ({exc})") from exc
 
     def encode_prompt(
         self, hf_model: nn.Module, processor: Any, audio: Float[np.ndarray, " samples"], prompt: str,
@@ -162,22 +126,17 @@ class Desta2Port(DestaPortBase):
         left, right = context.split(AUDIO_PATH)
         text = left + transcript + right + response_prefix
         audio_position = len(tokenizer.tokenize(left))
-        encoded = tokenizer(text, return_offsets_mapping=True)  # adds the release's second BOS
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        ids = tokenizer(text)["input_ids"]  # adds the release's second BOS
         n_rows = hf_model.settings.prompt_size
         placeholder = tokenizer.convert_tokens_to_ids(hf_model.settings.placeholder_token)
         tokens = torch.tensor([ids[:audio_position] + [placeholder] * n_rows + ids[audio_position:]])
         audio_mask: Bool[torch.Tensor, "1 pos"] = torch.zeros_like(tokens, dtype=torch.bool)
         audio_mask[0, audio_position : audio_position + n_rows] = True
-        start, end = len(left), len(left) + len(transcript)
-        transcript_positions = [
-            p + (n_rows if p >= audio_position else 0) for p, (a, b) in enumerate(offsets) if a < end and b > start
-        ]
         return PortInputs(
             tokens=tokens,
             audio_features={"input_features": features},
             audio_mask=audio_mask,
-            extras={"transcript": transcript, "transcript_positions": transcript_positions},
+            extras={"transcript": transcript},
         )
 
     def audio_embeddings(
@@ -189,13 +148,6 @@ class Desta2Port(DestaPortBase):
         mask = inputs.audio_mask
         released_ids = inputs.tokens[~mask].view(mask.shape[0], -1)
         return hf_model(released_ids, inputs.audio_positions[0], inputs.audio_features["input_features"])
-
-
-def _connector(whisper_config: Any, llm_config: Any, settings: DestaSettings) -> QformerConnector:
-    return QformerConnector(
-        d_model=whisper_config.d_model, n_heads=whisper_config.encoder_attention_heads, n_layers=QFORMER_LAYERS,
-        prompt_size=settings.prompt_size, n_taps=len(settings.target_layer_ids), llm_hidden_size=llm_config.hidden_size,
-    )
 
 
 def _release_resampling(wave: Float[np.ndarray, " samples"]) -> Float[np.ndarray, " samples"]:

@@ -28,6 +28,7 @@ the connector in fp32.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,38 +37,18 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from audiolens_ct.errors import CheckpointError, InputError
-from audiolens_ct.model import read_checkpoint_config
-from audiolens_ct.ports import AudioHooks, PortInputs
-from model_ports._desta_common import (
-    LLAMA31_CHAT_TEMPLATE,
-    PLACEHOLDER_TOKEN,
-    DestaAudioModel,
-    DestaPortBase,
-    DestaProcessor,
-    DestaSettings,
-    QformerConnector,
-    load_connector_state,
-    load_llm,
-    load_whisper,
-    resolve_file,
-    target_layers,
-    tiny_llama,
-    tiny_llama_tokenizer,
-    tiny_whisper,
-)
+from audiolens_ct.ports import AudioHooks, PortInputs, TinyVariant
+from model_ports._desta_common import LLAMA31_CHAT_TEMPLATE, DestaAudioModel, DestaPortBase
 
-WEIGHTS_FILE = "model.safetensors"
 CONNECTOR_PREFIX = "perception.connector."
 SYSTEM_PROMPT = "Focus on the audio clips and instructions."
 AUDIO_LOCATOR = "<|AUDIO|>"
 ASR_MAX_NEW_TOKENS = 128
 SILERO_HINT = "pip install silero-vad"
-# The release's taps per Whisper model (`QformerConnector.__init__`), read as layer-loop indices.
-RELEASE_TARGET_LAYERS = {
-    "openai/whisper-tiny": [0, 1, 2, 3],
-    "openai/whisper-small": [2, 5, 8, 11],
-    "openai/whisper-medium": [5, 11, 17, 23],
-    "openai/whisper-large-v3": [7, 15, 23, 31],
+# Llama-3.1's rope scaling, as in the released LLM's config.json.
+LLAMA31_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
 }
 
 
@@ -102,60 +83,47 @@ class Desta25Port(DestaPortBase):
     name = "desta2.5"
     hf_ids = ("DeSTA-ntu/DeSTA2.5-Audio-Llama-3.1-8B",)
     architectures = ("DeSTA25AudioModel", "desta25")
+    model_class = Desta25Model
+    whisper_key, default_whisper = "encoder_model_id", "openai/whisper-large-v3"
+    llm_key, default_llm = "llm_model_id", "DeSTA-ntu/Llama-3.1-8B-Instruct"
+    connector_file = "model.safetensors"
+    tap_convention = "layer_loop"
+    release_target_layers = {**DestaPortBase.release_target_layers, "openai/whisper-large-v3": [7, 15, 23, 31]}
+    tiny_mels = 128
+    tiny_chat_template = LLAMA31_CHAT_TEMPLATE
+    tiny_llm_config = {"rope_parameters": LLAMA31_ROPE}
+    tiny_qformer_layers = 6
+    tiny_variants = (
+        # A fixed transcript keeps the checks free of VAD and the tiny Whisper's random ASR.
+        TinyVariant(
+            "release_like", clip_seconds=(0.7, 4.0), prepare_kwargs={"transcript": " Thank you for calling. Goodbye."}
+        ),
+        # The TL check runs the oracle (Whisper + connector + LLM) once per (layer, position): keep it small.
+        TinyVariant(
+            "patching",
+            {"prompt_size": 4, "target_layer_ids": (0,), "qformer_layers": 1,
+             "whisper_config": {"encoder_layers": 1, "encoder_attention_heads": 1}},
+            clip_seconds=(0.5,), prepare_kwargs={"transcript": " Hello.", "system_prompt": "Hi."},
+            prompt="Gender? Options: male, female.", patching=True,
+        ),
+    )
 
     def __init__(self, whisper: str | None = None, llm: str | None = None, vad: bool = True) -> None:
-        self.whisper_override = whisper
-        self.llm_override = llm
+        super().__init__(whisper, llm)
         self.vad = vad
 
-    def matches(self, config: dict[str, Any]) -> bool:
-        return super().matches(config) or {"llm_model_id", "encoder_model_id"} <= config.keys()
+    def connector_state(self, path: Path) -> dict[str, torch.Tensor]:
+        """The connector part of the released `model.safetensors`, prefix removed; other keys are an error."""
+        from safetensors.torch import load_file
 
-    def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
-        config = read_checkpoint_config(name_or_path)
-        source = f"{name_or_path}/config.json"
-        if config.get("connector_mode", "qformer_1") != "qformer_1":
-            raise CheckpointError(f"{source}: connector_mode {config['connector_mode']!r} is not supported (qformer_1 is)")
-        if config.get("use_lora"):
-            raise CheckpointError(f"{source}: use_lora=true checkpoints (LoRA on the LLM) are not supported")
-        whisper_id = config.get("encoder_model_id", "openai/whisper-large-v3")
-        llm_id = config.get("llm_model_id", "DeSTA-ntu/Llama-3.1-8B-Instruct")
-        settings = DestaSettings(
-            prompt_size=int(config.get("prompt_size", 64)),
-            target_layer_ids=target_layers(config, whisper_id, RELEASE_TARGET_LAYERS, source),
-            tap_convention="layer_loop",
-            placeholder_token=config.get("placeholder_token", PLACEHOLDER_TOKEN),
-        )
-        state = _connector_state(resolve_file(name_or_path, WEIGHTS_FILE, "the DeSTA2.5 connector weights"))
-        whisper, whisper_processor = load_whisper(self.whisper_override or whisper_id, name_or_path)
-        llm, tokenizer = load_llm(self.llm_override or llm_id, dtype or torch.float32, name_or_path)
-        connector = _connector(whisper.config, llm.config, settings, int(config.get("qformer_num_hidden_layers", 2)))
-        load_connector_state(connector, state, f"{name_or_path}/{WEIGHTS_FILE}")
-        model = Desta25Model(whisper, connector, llm, settings).eval()
-        if device is not None:
-            model = model.to(device)
-        return model, DestaProcessor(whisper_processor, tokenizer)
-
-    def tiny(self, **overrides: Any) -> tuple[nn.Module, Any]:
-        """Random weights: a 4-layer Whisper (128 mels, d 32) tapped after loop layers [0, 1, 2, 3], a 6-layer
-        Q-Former with 64 queries, a 2-layer Llama (d 64, llama3 rope scaling); the Llama-3.1 chat template.
-        Overrides: `whisper_config`, `llm_config` (dicts), `prompt_size`, `target_layer_ids`, `qformer_layers`."""
-        whisper, whisper_processor = tiny_whisper(n_mels=128, **overrides.pop("whisper_config", {}))
-        tokenizer = tiny_llama_tokenizer(LLAMA31_CHAT_TEMPLATE)
-        rope = {
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-        }
-        llm = tiny_llama(tokenizer, **{"rope_parameters": rope, **overrides.pop("llm_config", {})})
-        settings = DestaSettings(
-            prompt_size=overrides.pop("prompt_size", 64),
-            target_layer_ids=tuple(overrides.pop("target_layer_ids", (0, 1, 2, 3))),
-            tap_convention="layer_loop",
-        )
-        connector = _connector(whisper.config, llm.config, settings, overrides.pop("qformer_layers", 6))
-        if overrides:
-            raise TypeError(f"desta2.5 tiny() got unknown overrides {sorted(overrides)}")
-        return Desta25Model(whisper, connector, llm, settings).eval(), DestaProcessor(whisper_processor, tokenizer)
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for foreign files
+            raise CheckpointError(f"{path}: not a safetensors file ({exc})") from exc
+        foreign = sorted(k for k in state if not k.startswith(CONNECTOR_PREFIX))
+        if foreign:
+            raise CheckpointError(f"{path}: keys outside {CONNECTOR_PREFIX}* are not supported: {foreign[:6]}")
+        return {k[len(CONNECTOR_PREFIX) :]: v for k, v in state.items()}
 
     def encode_prompt(
         self, hf_model: nn.Module, processor: Any, audio: Float[np.ndarray, " samples"], prompt: str,
@@ -182,16 +150,11 @@ class Desta25Port(DestaPortBase):
         audio_mask = tokens == tokenizer.convert_tokens_to_ids(placeholder)
         if int(audio_mask.sum()) != n_rows:
             raise InputError(f"desta2.5: expected {n_rows} {placeholder} rows, the tokenizer gave {int(audio_mask.sum())}")
-        last = int(audio_mask[0].nonzero().max()) + 1
         return PortInputs(
             tokens=tokens,
             audio_features={"input_features": features},
             audio_mask=audio_mask,
-            extras={
-                "transcript": transcript,
-                "transcript_ids": transcript_ids,
-                "transcript_positions": list(range(last - len(transcript_ids), last)),
-            },
+            extras={"transcript": transcript, "transcript_ids": transcript_ids},
         )
 
     def _transcribe(
@@ -218,27 +181,6 @@ def _transcript_ids(extras: dict[str, Any], batch: int) -> Int[torch.Tensor, "ba
     ids = extras["transcript_ids"]
     rows = ids if ids and isinstance(ids[0], list) else [ids] * batch
     return torch.tensor(rows, dtype=torch.long).reshape(batch, -1)
-
-
-def _connector(whisper_config: Any, llm_config: Any, settings: DestaSettings, qformer_layers: int) -> QformerConnector:
-    return QformerConnector(
-        d_model=whisper_config.d_model, n_heads=whisper_config.encoder_attention_heads, n_layers=qformer_layers,
-        prompt_size=settings.prompt_size, n_taps=len(settings.target_layer_ids), llm_hidden_size=llm_config.hidden_size,
-    )
-
-
-def _connector_state(path: Any) -> dict[str, torch.Tensor]:
-    """The connector part of the released `model.safetensors`, prefix removed; other keys are an error."""
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for foreign files
-        raise CheckpointError(f"{path}: not a safetensors file ({exc})") from exc
-    foreign = sorted(k for k in state if not k.startswith(CONNECTOR_PREFIX))
-    if foreign:
-        raise CheckpointError(f"{path}: keys outside {CONNECTOR_PREFIX}* are not supported: {foreign[:6]}")
-    return {k[len(CONNECTOR_PREFIX) :]: v for k, v in state.items()}
 
 
 @cache

@@ -19,15 +19,19 @@ import torch
 from jaxtyping import Float
 from torch import nn
 from transformers import (
-    Qwen2AudioConfig,
     Qwen2AudioForConditionalGeneration,
     Qwen2AudioProcessor,
     Qwen2ForCausalLM,
-    WhisperFeatureExtractor,
 )
 from transformers.masking_utils import create_bidirectional_mask
 
-from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, meta_shell
+from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, TinyVariant, meta_shell
+from model_ports._tiny import tiny_bpe_tokenizer, tiny_native
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+CHAT_TEXT = ("You are a helpful assistant.", "system user assistant", "Audio 1:")
+"""The chat template's own strings, learned by the tiny tokenizer."""
+CLIPS = (0.6, 3.0, 11.0)  # the conformance clips: from a fraction of a second to a third of the 30-s window
 
 
 class Qwen2AudioPort(Port):
@@ -36,44 +40,30 @@ class Qwen2AudioPort(Port):
     sampling_rate = 16000
     architectures = ("Qwen2AudioForConditionalGeneration", "qwen2_audio")
     audio_window = 30.0  # the Whisper-style feature extractor pads or cuts every clip to 30 s
-
-    def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)
-        processor = Qwen2AudioProcessor.from_pretrained(name_or_path)
-        if device is not None:
-            model = model.to(device)
-        return model.eval(), processor
+    model_class = Qwen2AudioForConditionalGeneration
+    processor_class = Qwen2AudioProcessor
+    tiny_variants = (
+        TinyVariant("gqa", clip_seconds=CLIPS),  # 4 query heads share 2 key/value heads
+        TinyVariant("mha_decoupled_head_dim", {"text_config": {"num_key_value_heads": 4, "head_dim": 24}},
+                    clip_seconds=CLIPS),  # 4 heads x 24 != hidden 64
+        TinyVariant("gqa_4_to_1", {"text_config": {"num_attention_heads": 8, "num_key_value_heads": 2}},
+                    clip_seconds=CLIPS),
+        TinyVariant("patching", clip_seconds=(0.5,), patching=True),
+    )
 
     def tiny(self, **overrides: Any) -> tuple[nn.Module, Any]:
-        from audiolens_ct.testing import tiny_bpe_tokenizer
-
-        tokenizer = tiny_bpe_tokenizer(
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"],
-            eos_token="<|endoftext|>",
-            pad_token="<|endoftext|>",
-        )
+        """Random weights: a 2-layer Whisper-style encoder (128 mels), a 3-layer Qwen2 (GQA 4:2, d 64)."""
+        tokenizer = tiny_bpe_tokenizer(SPECIAL_TOKENS, CHAT_TEXT, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
         audio_cfg = dict(
             d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128,
             max_source_positions=1500,
         )
-        audio_cfg.update(overrides.pop("audio_config", {}))
         text_cfg = dict(
             model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096, rope_theta=10000.0,
+            num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
         )
-        text_cfg.update(overrides.pop("text_config", {}))
-        config = Qwen2AudioConfig(
-            audio_config=audio_cfg,
-            text_config=text_cfg,
-            audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
-            **overrides,
-        )
-        model = Qwen2AudioForConditionalGeneration(config).eval()
-        processor = Qwen2AudioProcessor(
-            feature_extractor=WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins),
-            tokenizer=tokenizer,
-        )
-        return model, processor
+        audio_token = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+        return tiny_native(self, tokenizer, audio_cfg, text_cfg, overrides, audio_token_index=audio_token)
 
     def backbone(self, hf_model: nn.Module) -> Backbone:
         text_config = hf_model.config.text_config

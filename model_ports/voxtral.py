@@ -35,15 +35,16 @@ from jaxtyping import Float, Int
 from torch import nn
 from transformers import (
     LlamaForCausalLM,
-    VoxtralConfig,
     VoxtralForConditionalGeneration,
     VoxtralProcessor,
     WhisperFeatureExtractor,
 )
-from transformers.utils import cached_file, is_mistral_common_available
+from transformers.utils import is_mistral_common_available
 
 from audiolens_ct.errors import CheckpointError
-from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, meta_shell
+from audiolens_ct.hub import optional_checkpoint_file
+from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, TinyVariant, meta_shell
+from model_ports._tiny import tiny_bpe_tokenizer, tiny_native
 
 SAMPLING_RATE = 16000
 CHUNK_SAMPLES = 30 * SAMPLING_RATE  # the processor pads audio to a multiple of 30 s
@@ -54,6 +55,7 @@ MISTRAL_COMMON_HINT = 'pip install "mistral-common[audio]>=1.11.5"'
 TINY_SPECIAL_TOKENS = (
     "<unk>", "<s>", "</s>", "[INST]", "[/INST]", *(f"<SPECIAL_{i}>" for i in range(5, 24)), "[AUDIO]", "[BEGIN_AUDIO]",
 )
+CLIPS = (0.5, 5.0, 12.0, 35.0)  # half a second to two 30-s chunks
 
 
 class VoxtralPort(Port):
@@ -61,47 +63,40 @@ class VoxtralPort(Port):
     hf_ids = ("mistralai/Voxtral-Mini-3B-2507", "mistralai/Voxtral-Small-24B-2507")
     sampling_rate = SAMPLING_RATE
     architectures = ("VoxtralForConditionalGeneration", "voxtral")
+    model_class = VoxtralForConditionalGeneration
+    processor_class = VoxtralProcessor
+    tiny_variants = (
+        TinyVariant("gqa", clip_seconds=CLIPS),  # 4 query heads share 2 key/value heads, head_dim 16 = 64 / 4
+        TinyVariant("decoupled_head_dim", {"text_config": {"head_dim": 32}}, clip_seconds=CLIPS),  # 4 x 32 != 64
+        # The patching checks patch every position: 2 layers, and a projector reading 20 frames a row
+        # (intermediate 160 = 20 x 8) gives 75 audio rows a chunk instead of 375.
+        TinyVariant(
+            "patching",
+            {"text_config": {"num_hidden_layers": 2},
+             "audio_config": {"num_hidden_layers": 1, "hidden_size": 8, "intermediate_size": 160}},
+            clip_seconds=(0.5,), patching=True,
+        ),
+    )
 
     def load(self, name_or_path: str, device: Any = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
         _require_mistral_common_for_tekken(name_or_path)
-        model = VoxtralForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)
-        processor = VoxtralProcessor.from_pretrained(name_or_path)
-        if device is not None:
-            model = model.to(device)
-        return model.eval(), processor
+        return super().load(name_or_path, device, dtype)
 
     def tiny(self, **overrides: Any) -> tuple[nn.Module, Any]:
         """A random-weight Voxtral: Llama text model (GQA, 3 layers), Whisper-style encoder with 128 mels and
         1500 positions, the release projector; and a `VoxtralProcessor` around a tokenizer built in code."""
-        from audiolens_ct.testing import tiny_bpe_tokenizer
-
-        tokenizer = tiny_bpe_tokenizer(
-            special_tokens=TINY_SPECIAL_TOKENS, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-        )
+        tokenizer = tiny_bpe_tokenizer(TINY_SPECIAL_TOKENS, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
         # intermediate_size = 4 x hidden_size, as released: the projector concatenates 4 frames -> 375 rows a chunk.
         audio_cfg = dict(
             hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_mel_bins=128,
             max_source_positions=1500,
         )
-        audio_cfg.update(overrides.pop("audio_config", {}))
         text_cfg = dict(
             model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer), max_position_embeddings=4096,
-            rope_theta=1e8,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rope_theta=1e8,
         )
-        text_cfg.update(overrides.pop("text_config", {}))
-        config = VoxtralConfig(
-            audio_config=audio_cfg,
-            text_config=text_cfg,
-            audio_token_id=tokenizer.convert_tokens_to_ids("[AUDIO]"),
-            **overrides,
-        )
-        model = VoxtralForConditionalGeneration(config).eval()
-        processor = VoxtralProcessor(
-            feature_extractor=WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins),
-            tokenizer=tokenizer,
-        )
-        return model, processor
+        audio_token = tokenizer.convert_tokens_to_ids("[AUDIO]")
+        return tiny_native(self, tokenizer, audio_cfg, text_cfg, overrides, audio_token_id=audio_token)
 
     def backbone(self, hf_model: nn.Module) -> Backbone:
         text_config = hf_model.config.text_config
@@ -197,11 +192,7 @@ def _require_mistral_common_for_tekken(name_or_path: str) -> None:
     """Released checkpoints tokenize with mistral-common (`tekken.json`); without it the prompt would not be theirs."""
     if is_mistral_common_available():
         return
-    tekken = cached_file(
-        name_or_path, "tekken.json", _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-    if tekken is not None:
+    if optional_checkpoint_file(name_or_path, "tekken.json") is not None:
         raise CheckpointError(
             f"{name_or_path}: this Voxtral checkpoint tokenizes with mistral-common (tekken.json), which is not "
             f"installed (it also needs Pillow): {MISTRAL_COMMON_HINT}"

@@ -3,12 +3,12 @@
 The demo (`audiolens-ct demo`) needs a model that really listens: random weights answer wrongly on every clip, so
 every sample would be excluded. This script trains a tiny `Qwen2AudioForConditionalGeneration` (the real class and
 checkpoint format: config.json, model.safetensors, processor and tokenizer files) to answer the four AudioLens
-questions from synthetic SAKURA-like clips (`audiolens_ct.data.synthetic`).
+questions from synthetic SAKURA-like clips (`audiolens_ct.demo.synthetic`).
 
 Training sees exactly what tracing sees. Each example is the port's own prompt: the sequence of
 `Qwen2AudioPort.encode_prompt` (the processor's chat template with the clip, the AudioLens question and the
 response prefix ending in " is"); the target is the answer token, the first token of `" " + label`
-(`audiolens_ct.data.answers`); the loss is the cross-entropy over the full vocabulary at the last position. Only
+(`audiolens_ct.tracing.scoring`); the loss is the cross-entropy over the full vocabulary at the last position. Only
 clips with their true label are seen, and every question of a track is the same text, so the answer can only come
 from the audio: with silence the model answers one fixed option per track (chance level).
 
@@ -47,13 +47,13 @@ from jaxtyping import Float, Int
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from audiolens_ct.data import synthetic
-from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.data.prompts import ATTRIBUTES, get_track
-from audiolens_ct.data.synthetic import clip_rng, synthetic_clip
+from audiolens_ct.demo import synthetic
+from audiolens_ct.demo.synthetic import clip_rng, synthetic_clip
 from audiolens_ct.model import HookedLALM
 from audiolens_ct.ports import get_port
 from audiolens_ct.testing import tiny_model
+from audiolens_ct.tracing.scoring import answer_tokens
 
 PORT = "qwen2-audio"
 TRAIN_SEED, HELDOUT_SEED = 0, 1  # clip seeds; the demo draws its clips with another seed (audiolens_ct.demo)
@@ -300,6 +300,14 @@ def score_saved(out: Path, n_per_label: int) -> dict[str, dict[str, float]]:
     return {c: {a: float(np.mean(v)) for a, v in per.items()} for c, per in right.items()}
 
 
+def _generator_sha256() -> str:
+    """SHA-256 of the synthetic generator's modules (in name order): which generator made the clips."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(synthetic.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("audiolens_ct/assets/demo_model"))
@@ -372,7 +380,7 @@ def main() -> None:
         "hub_path_check": {"clips_per_label": args.n_hub_check, **hub},
         "cropped_forward_max_logit_diff": diff_after,
         "torch": torch.__version__,
-        "synthetic_generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest(),
+        "synthetic_generator_sha256": _generator_sha256(),
     }
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))

@@ -10,15 +10,22 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
-GENDER_PROMPT = "What is the gender of the speaker in the speech? Possible options: male, female."
-GENDER_PREFIX = "The speaker's gender is"
+from audiolens_ct.data.prompts import TRACKS  # noqa: E402
+
+GENDER = TRACKS["gender"]
+GENDER_PROMPT = GENDER.prompt
+GENDER_PREFIX = GENDER.response_prefix
 
 
 @pytest.fixture(scope="session")
 def qwen2_audio_model():
-    """A tiny random Qwen2-Audio wrapped as a HookedLALM (shared: tests must not mutate it)."""
+    """A tiny random Qwen2-Audio wrapped as a HookedLALM (shared: tests must not mutate it).
+
+    Seed 3: its clean run of a 1-s tone prefers " male" to " female" and its silent run the reverse, so the tracing
+    tests have a clip the paper's rules keep with the gender track's own options.
+    """
     import audiolens_ct as act
     from audiolens_ct.testing import tiny_model
 
-    hf_model, processor = tiny_model("qwen2-audio")
+    hf_model, processor = tiny_model("qwen2-audio", seed=3)
     return act.HookedLALM.from_hf(hf_model, processor, port="qwen2-audio")

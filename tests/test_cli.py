@@ -18,10 +18,11 @@ import torch
 
 import audiolens_ct as act
 from audiolens_ct import cli
-from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.data.prompts import TRACKS
 from audiolens_ct.plots import static_export_available
 from audiolens_ct.testing import tiny_model, tone
+from audiolens_ct.tracing.audit import TOKEN_CELLS
+from audiolens_ct.tracing.scoring import answer_tokens
 
 ANIMAL = TRACKS["animal"]
 N_SAMPLES = 6
@@ -30,7 +31,7 @@ N_SAMPLES = 6
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-qwen2-audio")
-    hf_model, processor = tiny_model("qwen2-audio", seed=0)
+    hf_model, processor = tiny_model("qwen2-audio", seed=2)
     hf_model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -86,7 +87,7 @@ def data(tmp_path_factory, clips):
 
 
 def trace_args(model, source, out, *extra):
-    return ["trace", str(model), *([] if source is None else [str(source)]), "--out", str(out),
+    return ["run", str(model), *([] if source is None else [str(source)]), "--out", str(out),
             "--modes", "layer", "token", "--no-progress", *extra]  # fmt: skip
 
 
@@ -208,7 +209,7 @@ def test_bad_input_ends_in_one_line_and_exit_code_2(tiny_dir, data, tmp_path, ca
         (trace_args(tiny_dir, None, out, "--manifest", str(bad_manifest)), "bad.jsonl:2: not valid JSON"),
         (trace_args(tiny_dir, None, out), "either a SAKURA data folder or --manifest"),
         (trace_args(tiny_dir, data["github"], out, "--port", "qwen3-audio"), "unknown port 'qwen3-audio'"),
-        (trace_args(tiny_dir, data["github"], out, "--window", "0"), "window must be >= 1"),
+        (trace_args(tiny_dir, data["github"], out, "--window", "0"), "window must be an integer >= 1, got 0"),
         (["plot", str(tmp_path)], "not an audiolens-ct output directory"),
     ]
     for argv, message in cases:
@@ -250,7 +251,7 @@ def test_records_keep_the_audit_and_no_audit_turns_it_off(tiny_dir, data, refere
     kept = [json.loads(p.read_text()) for p in (reference / "records").glob("*/*.json")]
     kept = [r for r in kept if r["status"] == "kept"]
     assert kept and all(r["result"]["audit"]["max_abs_diff"] <= 1e-5 for r in kept)
-    assert all(len(r["result"]["audit"]["cells"]) == 2 + act.tracing.audit.TOKEN_CELLS for r in kept)
+    assert all(len(r["result"]["audit"]["cells"]) == 2 + TOKEN_CELLS for r in kept)
     out = tmp_path / "unaudited"
     assert cli.main(trace_args(tiny_dir, data["github"], out, "--no-audit")) == 0
     records = [json.loads(p.read_text()) for p in (out / "records").glob("*/*.json")]
@@ -306,10 +307,7 @@ def test_plot_overlays_runs_and_report_rewrites_the_page(reference, tmp_path, ca
     assert (reference / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
 
 
-def test_demo_runs_when_present_and_says_so_when_not(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "audiolens_ct.demo", None)
-    assert cli.main(["demo"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_demo_command_calls_run_demo(monkeypatch, tmp_path, capsys):
     calls = []
     fake = types.ModuleType("audiolens_ct.demo")
     fake.run_demo = lambda out: calls.append(out) or out / "report.html"
@@ -323,7 +321,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_a_model_library():
     probe = (
         "import sys\n"
         "from audiolens_ct import cli\n"
-        "for argv in (['--help'], ['trace', '--help'], ['trace', 'm', '--kind', 'bogus']):\n"
+        "for argv in (['--help'], ['run', '--help'], ['run', 'm', '--kind', 'bogus']):\n"
         "    try:\n"
         "        cli.build_parser().parse_args(argv)\n"
         "    except SystemExit:\n"
@@ -336,13 +334,29 @@ def test_help_and_argument_errors_import_neither_torch_nor_a_model_library():
     assert done.stdout.strip().splitlines()[-1] == "none"
 
 
-def test_help_explains_every_trace_option(capsys):
+def test_help_explains_every_run_option(capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["trace", "--help"])
+        cli.main(["run", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--port", "--manifest", "--attributes", "--corruption", "--modes", "--engine", "--kind", "--window",
                    "--device", "--dtype", "--out", "--limit", "--seed", "--max-batch", "--no-audit",
-                   "--accept-versions", "--long-audio"):  # fmt: skip
+                   "--accept-versions", "--long-audio", "--layer-positions", "--trace-excluded"):  # fmt: skip
         assert option in text
     assert "(default: resid_pre)" in text
+
+
+def test_every_trace_config_field_is_a_run_flag_with_the_same_default():
+    """The command line builds its `TraceConfig` field by field; a new option needs its flag here too."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["run", "m", "data", "--out", "o"])
+    assert cli.trace_config(args) == act.TraceConfig()
+    changed = cli.trace_config(parser.parse_args(["run", "m", "data", "--out", "o", "--no-audit", "--window", "3",
+                                                  "--modes", "token", "--trace-excluded"]))  # fmt: skip
+    assert changed == act.TraceConfig(audit=False, window=3, modes=("token",), trace_excluded=True)
+
+
+def test_the_old_trace_verb_still_runs_and_says_it_was_renamed(tiny_dir, data, tmp_path, capsys):
+    assert cli.main(["trace", str(tiny_dir), str(data["github"]), "--out", str(tmp_path / "o"), "--limit", "1",
+                     "--attributes", "animal", "--modes", "layer", "--no-progress"]) == 0  # fmt: skip
+    assert "`trace` is now `run`" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audiolens_ct.audio import decode
 from audiolens_ct.data import (
     ATTRIBUTES,
     TRACKS,
@@ -17,9 +18,9 @@ from audiolens_ct.data import (
     load_sakura,
     load_sakura_hf,
     make_track,
-    write_synthetic_sakura,
 )
 from audiolens_ct.data.sample import make_sample
+from audiolens_ct.demo.synthetic import write_synthetic_sakura
 from audiolens_ct.errors import AudioLoadError
 
 RATE = 16000
@@ -336,27 +337,32 @@ def test_jsonl_manifest_with_a_new_attribute_and_recorded_problems(tmp_path):
     assert wolf.label == "wolf" and wolf.load(RATE).shape == (RATE,)
 
 
+MALFORMED_JSONL = {  # manifest text -> the error, which names the file and the line
+    '{"audio": "a.wav", "attribute": "gender", "label": "male"}\n{"audio": "b.wav",\n': r"m\.jsonl:2: not valid JSON",
+    '["a.wav", "gender", "male"]\n': r"m\.jsonl:1: expected a JSON object, got list",
+    '{"audio": "a.wav", "attribute": "gender", "label": "male", "options": "male"}\n':
+        r"m\.jsonl:1: 'options' must be a list of strings",
+}
+MALFORMED_CSV = {
+    "audio,attribute,label\na.wav,gender,male\nb.wav,gender\n": r"m\.csv:3: fewer fields than the header has columns",
+    "audio,attribute,label\na.wav,gender,male,extra\n": r"m\.csv:2: more fields than the header",
+    "audio,attribute\na.wav,gender\n": r"m\.csv:2: no value in column 'label'",
+    "audio,attribute,label\na.wav,gender,male\na.wav,gender,female\n": r"m\.csv:3: id 'a\.wav' repeats line 2",
+    "audio,attribute,label,prompt\na.wav,gender,male,Who speaks?\n":
+        r"m\.csv:2: track 'gender': the option list 'male, female' does not occur in the prompt",
+    "audio,attribute,label\na.wav,colour,red\n": r"m\.csv:2: attribute 'colour' is not one of",
+    "audio,attribute,label\n": r"m\.csv: the manifest lists no samples",
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("m.jsonl", '{"audio": "a.wav", "attribute": "gender", "label": "male"}\n{"audio": "b.wav",\n',
-         r"m\.jsonl:2: not valid JSON"),
-        ("m.jsonl", '["a.wav", "gender", "male"]\n', r"m\.jsonl:1: expected a JSON object, got list"),
-        ("m.jsonl", '{"audio": "a.wav", "attribute": "gender", "label": "male", "options": "male"}\n',
-         r"m\.jsonl:1: 'options' must be a list of strings"),
-        ("m.csv", "audio,attribute,label\na.wav,gender,male\nb.wav,gender\n",
-         r"m\.csv:3: fewer fields than the header has columns"),
-        ("m.csv", "audio,attribute,label\na.wav,gender,male,extra\n", r"m\.csv:2: more fields than the header"),
-        ("m.csv", "audio,attribute\na.wav,gender\n", r"m\.csv:2: no value in column 'label'"),
-        ("m.csv", "audio,attribute,label\na.wav,gender,male\na.wav,gender,female\n",
-         r"m\.csv:3: id 'a\.wav' repeats line 2"),
-        ("m.csv", "audio,attribute,label,prompt\na.wav,gender,male,Who speaks?\n",
-         r"m\.csv:2: track 'gender': the option list 'male, female' does not occur in the prompt"),
-        ("m.csv", "audio,attribute,label\na.wav,colour,red\n", r"m\.csv:2: attribute 'colour' is not one of"),
-        ("m.csv", "audio,attribute,label\n", r"m\.csv: the manifest lists no samples"),
+        *(("m.jsonl", text, message) for text, message in MALFORMED_JSONL.items()),
+        *(("m.csv", text, message) for text, message in MALFORMED_CSV.items()),
         ("m.txt", "a.wav gender male\n", r"m\.txt: a manifest must be \.csv or \.jsonl"),
     ],
-)  # fmt: skip
+)
 def test_malformed_manifests_raise_naming_file_and_line(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=message):
@@ -396,3 +402,14 @@ def test_44k_stereo_file_loads_as_16k_mono(tmp_path):
     assert wave.shape == (RATE // 2,) and wave.dtype == np.float32
     assert abs(np.argmax(np.abs(np.fft.rfft(wave))) * RATE / len(wave) - 440) <= 2
     assert abs(np.abs(wave[1000:-1000]).max() - 0.25) < 0.01  # the two channels averaged
+
+
+def test_a_file_decodes_alike_from_its_path_and_its_bytes_and_errors_name_it_once(tmp_path):
+    path = _write_wav(tmp_path / "a.wav", np.stack([_tone(0.5, 440), np.zeros(RATE // 2, np.float32)], axis=1))
+    from_path, from_bytes = decode(path), decode(path.read_bytes(), name="a.wav")
+    np.testing.assert_array_equal(from_path[0], from_bytes[0])
+    assert from_path[1] == from_bytes[1] == RATE and from_path[0].shape == (RATE // 2,)  # channels averaged
+    with pytest.raises(AudioLoadError, match=r"^clip\.wav: not readable audio \(soundfile: [^<]*\)$"):
+        decode(b"not audio", name="clip.wav")  # soundfile's repr of the buffer is left out
+    with pytest.raises(AudioLoadError, match=r"gone\.wav: no such audio file"):
+        decode(tmp_path / "gone.wav")

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import audiolens_ct as act
-from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.data.prompts import ATTRIBUTES, get_track
-from audiolens_ct.data.synthetic import clip_rng, synthetic_clip
 from audiolens_ct.demo import DEMO_MODEL, DEMO_SEED, run_demo
+from audiolens_ct.demo.synthetic import clip_rng, synthetic_clip
 from audiolens_ct.store import RunStore
+from audiolens_ct.tracing.scoring import answer_tokens
 
 TEST_SEED = 11  # a clip seed used neither in training (0, 1) nor by the demo
 CLIPS_PER_LABEL = {"animal": 1, "emotion": 2, "gender": 4, "language": 1}

@@ -2,6 +2,7 @@
 broken fast engine raises instead of returning wrong maps, and a plain-PyTorch outside oracle agrees."""
 
 import copy
+from functools import partial
 
 import numpy as np
 import pytest
@@ -9,12 +10,19 @@ import torch
 from conftest import GENDER_PREFIX, GENDER_PROMPT
 
 import audiolens_ct as act
-from audiolens_ct.data.answers import answer_tokens
-from audiolens_ct.errors import UnsupportedHookError
+from audiolens_ct.errors import ExactnessError, UnsupportedHookError
 from audiolens_ct.testing import hf_patch_loop, tiny_model, tone
 from audiolens_ct.tracing import audit, layer_wise, token_wise
 from audiolens_ct.tracing.decoder import PrefixKV
-from audiolens_ct.tracing.engine_fast import evaluate_fast
+from audiolens_ct.tracing.engine_fast import FastEngine
+from audiolens_ct.tracing.scoring import answer_probability, answer_tokens
+
+
+def fast_grid(model, patches, cache, corrupted, target):
+    """P(target) of each patch, by the fast engine, on a corrupted input."""
+    engine = FastEngine()
+    return engine.evaluate(model, patches, cache, engine.run_corrupted(model, corrupted),
+                           partial(answer_probability, target=target))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +106,7 @@ def test_a_fast_engine_that_loses_its_prefix_raises_instead_of_returning_wrong_m
     monkeypatch.setattr(PrefixKV, "extend", _drop_prefix)
     wrong = act.trace(model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options, audit=False)
     assert np.abs(wrong.token_rr - ref.token_rr).max() > 0.5  # what an unaudited trace would silently return
-    with pytest.raises(act.ExactnessError) as err:
+    with pytest.raises(ExactnessError) as err:
         act.trace(model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options)
     message = str(err.value)
     assert "-wise cell (layer " in message and "fast P=" in message and "reference P=" in message
@@ -113,18 +121,18 @@ def test_hooks_the_fast_engine_cannot_fire_are_refused_and_the_rest_fire(qwen2_a
     clean = model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX, options=options)
     corrupted = model.prepare_like(clean, np.zeros_like(wave))
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
-    sweep = layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
+    patches = layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
     tid = answer_tokens(model.tokenizer, options)[target]
     with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: x)]):
         with pytest.raises(UnsupportedHookError, match="blocks.1.attn.hook_pattern.*engine='transformer_lens'"):
-            evaluate_fast(model, sweep, cache, corrupted, tid)
+            fast_grid(model, patches, cache, corrupted, tid)
         res = act.trace(model, wave, GENDER_PROMPT, GENDER_PREFIX, target=target, options=options, modes=("layer",),
                         engine="transformer_lens")  # the reference engine fires every hook
         assert res.p_layer is not None
     last = model.cfg.n_layers - 1
     seen = []
     with model.hooks(fwd_hooks=[(f"blocks.{last}.hook_mlp_out", lambda x, hook: seen.append(x.clone()))]):
-        evaluate_fast(model, sweep, cache, corrupted, tid)
+        fast_grid(model, patches, cache, corrupted, tid)
     # a hook on the last layer sees every position computed, not only the last one the unembedding reads
     assert all(bool((x[:, :-1].abs().sum(-1) > 0).all()) for x in seen)
 
@@ -140,7 +148,7 @@ def test_the_plain_pytorch_oracle_agrees_with_the_fast_engine_on_another_port():
     tid = answer_tokens(model.tokenizer, ["male"])["male"]
     positions = clean.text_positions
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
-    fast = evaluate_fast(model, token_wise(model.cfg.n_layers, positions, positions), cache, corrupted, tid)
+    fast = fast_grid(model, token_wise(model.cfg.n_layers, positions, positions), cache, corrupted, tid)
 
     def metric(logits):
         return logits[:, -1].float().softmax(-1)[:, tid].mean()

@@ -8,18 +8,18 @@ import pytest
 import soundfile as sf
 import torch
 
-import audiolens_ct.sweep as sweep_module
+import audiolens_ct.experiment as experiment_module
 from audiolens_ct.aggregate import aggregate_records, aggregate_run, summarise
-from audiolens_ct.data.answers import answer_tokens
 from audiolens_ct.data.prompts import TRACKS, make_track
 from audiolens_ct.data.sample import make_sample
 from audiolens_ct.errors import DataError, InputError, RunMismatchError
+from audiolens_ct.experiment import run_experiment
 from audiolens_ct.plots import Run, layer_rr_figure, segment_rr_figure, token_rr_heatmap
 from audiolens_ct.report import write_report
 from audiolens_ct.store import RunStore, atomic_write_json, file_stem
-from audiolens_ct.sweep import run_sweep
 from audiolens_ct.testing import tone
 from audiolens_ct.tracing import TraceResult
+from audiolens_ct.tracing.scoring import answer_tokens
 
 T_975_DF1, T_975_DF2 = 12.706204736174694, 4.302652729749462  # scipy.stats.t.ppf(0.975, df)
 
@@ -215,7 +215,7 @@ def test_sweep_records_every_sample_resumes_and_swaps_in_another_label(tmp_path,
         make_sample(track, "unicorn", "unicorn", audio_path=tmp_path / "a.wav"),
     ]
     out = tmp_path / "out"
-    summary = run_sweep(model, samples, out, corruption="swap", modes=("layer",))
+    summary = run_experiment(model, samples, out, corruption="swap", modes=("layer",))
     assert (summary.total, summary.errors, summary.resumed) == (4, 2, 0)
     assert "errors=2" in capsys.readouterr().err  # the progress bar's postfix
     store = RunStore(out)
@@ -228,14 +228,14 @@ def test_sweep_records_every_sample_resumes_and_swaps_in_another_label(tmp_path,
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished sample was traced again")
 
-    monkeypatch.setattr(sweep_module, "trace", must_not_run)
-    again = run_sweep(model, samples, out, corruption="swap", modes=("layer",), progress=False)
+    monkeypatch.setattr(experiment_module, "trace", must_not_run)
+    again = run_experiment(model, samples, out, corruption="swap", modes=("layer",), progress=False)
     assert (again.resumed, again.errors) == (2, 2)  # traced samples skipped, errors redone
     with pytest.raises(RunMismatchError, match="modes"):
-        run_sweep(model, samples, out, corruption="swap", modes=("layer", "token"))
+        run_experiment(model, samples, out, corruption="swap", modes=("layer", "token"))
     clash = make_track("animal", labels=("cat", "cat food"))  # both start with the token " cat"
     with pytest.raises(InputError, match="distinct tokens"):
-        run_sweep(model, [make_sample(clash, "a", "cat", audio_path=tmp_path / "a.wav")], tmp_path / "clash")
+        run_experiment(model, [make_sample(clash, "a", "cat", audio_path=tmp_path / "a.wav")], tmp_path / "clash")
     assert not (tmp_path / "clash").exists()  # refused once, before any record
 
 
@@ -248,7 +248,7 @@ def test_clips_longer_than_the_audio_window_are_recorded_and_warned_skipped_or_r
     sf.write(tmp_path / "long.wav", np.stack([long_wave, long_wave], axis=1), 22050)  # 31 s, stereo, 22.05 kHz
     samples = [make_sample(track, name, "male", audio_path=tmp_path / f"{name}.wav") for name in ("short", "long")]
 
-    run_sweep(model, samples, tmp_path / "truncate", modes=("layer",), progress=False)
+    run_experiment(model, samples, tmp_path / "truncate", modes=("layer",), progress=False)
     err = capsys.readouterr().err
     assert err.count("warning: 1 clip(s) are longer than qwen2-audio's 30-s audio window") == 1
     store = RunStore(tmp_path / "truncate")
@@ -257,11 +257,11 @@ def test_clips_longer_than_the_audio_window_are_recorded_and_warned_skipped_or_r
     assert long["audio_source"] == {"seconds": pytest.approx(31.0), "sample_rate": 22050, "channels": 2}
     assert store.read_record("gender", "short")["heard_seconds"] == pytest.approx(1.0)
 
-    run_sweep(model, samples, tmp_path / "skip", modes=("layer",), long_audio="skip", progress=False)
+    run_experiment(model, samples, tmp_path / "skip", modes=("layer",), long_audio="skip", progress=False)
     skipped = RunStore(tmp_path / "skip").read_record("gender", "long")
     assert skipped["status"] == "error" and "31.0 s, longer than qwen2-audio's 30-s audio window" in skipped["error"]
     assert RunStore(tmp_path / "skip").read_record("gender", "short")["status"] != "error"
 
     with pytest.raises(DataError, match=r"1 clip\(s\) are longer .* \(first: gender long, 31.0 s\)"):
-        run_sweep(model, samples, tmp_path / "error", modes=("layer",), long_audio="error", progress=False)
+        run_experiment(model, samples, tmp_path / "error", modes=("layer",), long_audio="error", progress=False)
     assert not (tmp_path / "error").exists()

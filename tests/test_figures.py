@@ -2,13 +2,16 @@
 ticks, token columns with their position from the end, segment lines that stay apart, excluded clips listed with
 their predictions, and every number explained next to its table or figure."""
 
+import json
+import os
 import re
+import time
 from dataclasses import replace
 
 from test_experiments import RECORDS, B, C, record, result, runs
 
-from audiolens_ct.aggregate import aggregate_records
-from audiolens_ct.plots import Run, layer_rr_figure, segment_rr_figure, token_rr_heatmap
+from audiolens_ct.aggregate import Run, aggregate_records
+from audiolens_ct.plots import layer_rr_figure, segment_rr_figure, token_rr_heatmap
 from audiolens_ct.report import write_report
 from audiolens_ct.store import RunStore
 
@@ -134,3 +137,28 @@ def test_report_explains_rr_bands_and_n_once_and_captions_every_figure(tmp_path)
     for term in ("<b>RR</b>", "<b>n</b>", "<b>Shaded bands</b> are 95% confidence intervals", "<b>Open markers</b>"):
         assert figures.count(term) == 1, term
     assert figures.count('<p class="caption">') == page.count("Plotly.newPlot") == 3
+
+
+def test_aggregates_do_not_depend_on_the_order_records_come_in():
+    assert aggregate_records(RECORDS[::-1]) == aggregate_records(RECORDS)
+
+
+def test_the_report_reads_a_current_aggregate_and_rewrites_one_older_than_the_records(tmp_path, monkeypatch):
+    import audiolens_ct.aggregate as aggregate_module
+
+    report_page(tmp_path, RECORDS)  # no aggregate.json yet: written
+    written = tmp_path / "aggregate.json"
+    now = time.time_ns()
+    os.utime(written, ns=(now + 10**10, now + 10**10))  # newer than every record: current
+
+    def must_not_aggregate(out_dir):
+        raise AssertionError("a current aggregate.json was aggregated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(aggregate_module, "aggregate_run", must_not_aggregate)
+        write_report(tmp_path)
+    path = RunStore(tmp_path).write_record(record("f", B))
+    os.utime(path, ns=(now + 2 * 10**10, now + 2 * 10**10))  # a record newer than the aggregate: stale
+    page = write_report(tmp_path).read_text()
+    assert json.loads(written.read_text())["attributes"]["animal"]["counts"]["kept"] == 3
+    assert "<td>animal</td><td>5</td><td>3</td>" in page

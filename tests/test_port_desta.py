@@ -1,5 +1,5 @@
-"""DeSTA2 and DeSTA2.5-Audio ports: the released sequence layouts, Q-Former, Whisper taps and checkpoint layouts,
-and HookedLALM reproducing each model's own forward exactly."""
+"""DeSTA2 and DeSTA2.5-Audio ports: the released sequence layouts, transcripts, Q-Former, Whisper taps and
+checkpoint layouts (the conformance kit runs on both in `test_conformance.py`)."""
 
 import hashlib
 import json
@@ -8,19 +8,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import GENDER, GENDER_PREFIX, GENDER_PROMPT
 from safetensors.torch import save_file
 
 import audiolens_ct as act
-from audiolens_ct.errors import CheckpointError
-from audiolens_ct.testing import check_port, tiny_model, tone
+from audiolens_ct.errors import CheckpointError, InputError
+from audiolens_ct.ports import get_port
+from audiolens_ct.testing import tiny_model, tone
 from model_ports._desta_common import QformerConnector
 from model_ports.desta2 import Desta2Port
 from model_ports.desta25 import Desta25Port
 
-GENDER_PROMPT = "What is the gender of the speaker in the speech? Possible options: male, female."
-GENDER_PREFIX = "The speaker's gender is"
 TRANSCRIPT = " Thank you for calling. Goodbye."
-OPTIONS = ["male", "female"]
+OPTIONS = list(GENDER.labels)
 
 
 def hooked(port: str, **overrides) -> act.HookedLALM:
@@ -35,26 +35,14 @@ def skeleton(model: act.HookedLALM, inp: act.LALMInput) -> list[str]:
     return ["A" if p in audio else s for p, s in enumerate(inp.str_tokens[0]) if p in audio or s in structural]
 
 
-# -- conformance ---------------------------------------------------------------------------------------------------
-
-
-# The TL patching check runs the oracle (Whisper + connector + LLM) once per (layer, position): keep it small.
-SMALL = {
-    "desta2": dict(prompt_size=4, target_layer_ids=(0,), whisper_config={"encoder_layers": 0}),
-    "desta2.5": dict(prompt_size=4, target_layer_ids=(0,), qformer_layers=1,
-                     whisper_config={"encoder_layers": 1, "encoder_attention_heads": 1}),
-}
-
-
-@pytest.mark.parametrize("port", ["desta2", "desta2.5"])
-def test_logits_equal_the_released_forward_and_tl_patching_runs_unchanged(port):
-    hf_model, processor = tiny_model(port)
-    full = check_port(port, hf_model, processor, [tone(0.7), tone(4.0, 330)], tl_patching=False, transcript=TRANSCRIPT)
-    assert full.logits_max_diff <= 1e-5 and full.embed_resid_max_diff <= 1e-5 and full.causal_max_diff_before <= 1e-5
-    hf_model, processor = tiny_model(port, **SMALL[port])
-    small = check_port(port, hf_model, processor, [tone(0.5)], prompt="Gender? Options: male, female.",
-                       transcript=" Hello.", system_prompt="Hi.")
-    assert small.tl_patching_max_diff <= 1e-5
+def transcript_positions(model: act.HookedLALM, inp: act.LALMInput) -> list[int]:
+    """Where the transcript sits: DeSTA2 writes its tokens after the audio turn's "\n\n", up to the turn's
+    `<|eot_id|>`; DeSTA2.5 makes its token embeddings the last audio rows."""
+    if model.port.name == "desta2.5":
+        return inp.audio_positions[-len(inp.extras["transcript_ids"]) :]
+    start = inp.first_text_after_audio + 1
+    end = inp.tokens[0].tolist().index(model.tokenizer.convert_tokens_to_ids("<|eot_id|>"), start)
+    return list(range(start, end))
 
 
 # -- sequence layouts ------------------------------------------------------------------------------------------------
@@ -74,9 +62,7 @@ def test_desta2_layout_two_bos_and_64_rows_between_audio_header_and_its_newlines
     assert "".join(tokens[:first]).endswith("<|eot_id|><|start_header_id|>audio<|end_header_id|>")
     after = inp.first_text_after_audio
     assert inp.extras["transcript"] == TRANSCRIPT
-    assert inp.extras["transcript_positions"] == list(range(after + 1, after + 1 + len(inp.extras["transcript_positions"])))
-    assert "".join(tokens[p] for p in inp.extras["transcript_positions"]) == TRANSCRIPT
-    assert tokens[inp.extras["transcript_positions"][-1] + 1] == eot
+    assert tokens[after] == "\n\n" and "".join(tokens[after + 1 :]).startswith(TRANSCRIPT + eot)
     assert "".join(tokens[-5:]).endswith(GENDER_PREFIX)
     assert "".join(tokens[p] for p in inp.segments["object"]).strip() == "male, female"
 
@@ -116,7 +102,6 @@ def test_desta25_layout_one_bos_and_a_run_of_64_plus_t_rows_after_start_audio():
     _, cache = model.run_with_cache(inp, names_filter=["audio.hook_embeds", "hook_embed"])
     ids = torch.tensor(inp.extras["transcript_ids"])
     assert torch.equal(cache["audio.hook_embeds"][0, 64:], model.hf_model.embed(ids))
-    assert inp.extras["transcript_positions"] == list(range(first + 64, last + 1))
 
 
 @pytest.mark.parametrize("port", ["desta2", "desta2.5"])
@@ -124,8 +109,10 @@ def test_another_transcript_changes_the_length_but_not_the_text_after_it(port):
     model = hooked(port)
     clean = model.prepare(tone(2.0), GENDER_PROMPT, GENDER_PREFIX, options=OPTIONS, transcript=TRANSCRIPT)
     silent = model.prepare_like(clean, np.zeros(32000, dtype=np.float32), transcript=" ")
-    assert clean.shape[1] - silent.shape[1] == len(clean.extras["transcript_positions"]) - 1
-    tail = clean.shape[1] - (clean.extras["transcript_positions"][-1] + 1)
+    positions = transcript_positions(model, clean)
+    assert len(transcript_positions(model, silent)) == 1
+    assert clean.shape[1] - silent.shape[1] == len(positions) - 1
+    tail = clean.shape[1] - (positions[-1] + 1)
     assert torch.equal(clean.tokens[0, -tail:], silent.tokens[0, -tail:])
     assert silent.extras["transcript"] == " "
 
@@ -144,6 +131,19 @@ def test_desta25_batch_of_two_clips_matches_each_alone():
 # -- transcripts -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("port", ["desta2", "desta2.5"])
+def test_the_twin_reads_the_clean_transcript_or_transcribes_its_own_audio(port):
+    """The corrupted twin's `prepare` arguments per transcript policy, and what a trace records of an input."""
+    model = hooked(port)
+    clean = model.prepare(tone(1.0), GENDER_PROMPT, GENDER_PREFIX, transcript=TRANSCRIPT)
+    assert model.port.reads_transcript
+    assert model.port.twin_kwargs(clean.extras, "clean") == {"transcript": TRANSCRIPT}
+    assert model.port.twin_kwargs(clean.extras, "corrupted") == {"transcript": None}
+    assert model.port.input_record(clean.extras) == {"transcript": TRANSCRIPT}
+    with pytest.raises(InputError, match="unknown transcript policy 'audio'"):
+        model.port.twin_kwargs(clean.extras, "audio")
+
+
 def test_desta2_transcribes_with_whisper_when_no_transcript_is_given():
     model = hooked("desta2")
     wave = tone(1.5)
@@ -152,7 +152,7 @@ def test_desta2_transcribes_with_whisper_when_no_transcript_is_given():
     generated = model.hf_model.whisper.generate(features)
     expected = model.processor.whisper.batch_decode(generated, skip_special_tokens=True)[0]  # not stripped
     assert inp.extras["transcript"] == expected
-    assert model.tokenizer.decode(inp.tokens[0, inp.extras["transcript_positions"]]) == expected
+    assert model.tokenizer.decode(inp.tokens[0, transcript_positions(model, inp)]) == expected
 
 
 def test_desta25_gives_silence_a_blank_transcript_and_strips_whisper_output():
@@ -349,4 +349,4 @@ def test_release_configs_are_recognised_by_their_own_port_only():
     keys_only = {"llama_model_id": "x", "whisper_model_id": "y", "prompt_size": 64}
     assert [Desta2Port().matches(c) for c in (desta2, desta25, keys_only)] == [True, False, True]
     assert [Desta25Port().matches(c) for c in (desta2, desta25, keys_only)] == [False, True, False]
-    assert not act.get_port("qwen2-audio").matches(desta2) and not act.get_port("qwen2-audio").matches(desta25)
+    assert not get_port("qwen2-audio").matches(desta2) and not get_port("qwen2-audio").matches(desta25)

@@ -1,11 +1,13 @@
-"""The Qwen-Audio (v1) port: what a user of `qwen-audio` can rely on.
+"""The Qwen-Audio (v1) port: what a user of `qwen-audio` can rely on (the conformance kit runs on it in
+`test_conformance.py`).
 
-- it passes the port conformance kit (logits, hook_embed = resid_pre, causal patches, TL patching = HF loop);
-- its forward equals the release math, written here from the spec on release-named tensors, for a batch whose
+- its forward equals the release forward (`_qwen_audio_release.py`, on release-named tensors) for a batch whose
   clips have different encoder lengths (truncation, key masking, q|k|v split, SiLU on w2);
 - the audio span is `<audio>` + N pads + `</audio>` with N + 2 rows, the tags' rows being the learned bos/eos;
 - checkpoints in the release layout round-trip, and a bad one fails with the file and key in the message;
-- with the real `qwen.tiktoken`, prompts tokenise exactly as the release does.
+- with the real `qwen.tiktoken`, prompts tokenise exactly as the release does, and the features equal the release
+  log-mel. These need two files of the release (`qwen.tiktoken`, `mel_filters.npz` from `Qwen/Qwen-Audio-Chat`) in
+  the directory `$QWEN_AUDIO_RELEASE`, or in `shared/reference/qwen-audio-release` beside this checkout.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from _qwen_audio_release import release_forward
+from conftest import GENDER_PREFIX, GENDER_PROMPT
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from audiolens_ct import CheckpointError, HookedLALM, InputError, LALMInput, get_port, testing  # noqa: E402
-from model_ports.qwen_audio import (  # noqa: E402
+from audiolens_ct import HookedLALM, LALMInput, testing
+from audiolens_ct.errors import CheckpointError, InputError
+from audiolens_ct.ports import get_port
+from model_ports.qwen_audio import (
     QwenAudioProcessor,
     QwenAudioTokenizer,
     release_config,
@@ -30,18 +33,12 @@ from model_ports.qwen_audio import (  # noqa: E402
     save_release_checkpoint,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-RELEASE_FILES = next(
-    (
-        d / "reference" / "qwen-audio-release"
-        for d in (REPO.parent / "shared", Path("/work/shared"))
-        if (d / "reference" / "qwen-audio-release" / "qwen.tiktoken").is_file()
-    ),
-    None,
-)
-needs_release_files = pytest.mark.skipif(RELEASE_FILES is None, reason="shared/reference/qwen-audio-release is absent")
-PROMPT = "What is the gender of the speaker in the speech? Possible options: male, female."
-PREFIX = "The speaker's gender is"
+_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qwen-audio-release"
+_WHERE = (os.environ.get("QWEN_AUDIO_RELEASE"), _BESIDE)
+RELEASE_FILES = next((Path(d) for d in _WHERE if d and (Path(d) / "qwen.tiktoken").is_file()), None)
+NO_RELEASE_FILES = "the release's qwen.tiktoken and mel_filters.npz are not here (set QWEN_AUDIO_RELEASE)"
+needs_release_files = pytest.mark.skipif(RELEASE_FILES is None, reason=NO_RELEASE_FILES)
+PROMPT, PREFIX = GENDER_PROMPT, GENDER_PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +49,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def release_tokenizer():
     if RELEASE_FILES is None:
-        pytest.skip("shared/reference/qwen-audio-release is absent")
+        pytest.skip(NO_RELEASE_FILES)
     return QwenAudioTokenizer.from_file(RELEASE_FILES / "qwen.tiktoken")
 
 
@@ -60,83 +57,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-# -- conformance and the release math ------------------------------------------------------------------------------
-
-
-def test_conformance_kit_passes_for_1s_and_5s_clips():
-    hf_model, processor = testing.tiny_model("qwen-audio")
-    report = testing.check_port("qwen-audio", hf_model, processor, [testing.tone(1.0), testing.tone(5.0, seed=1)])
-    assert report.logits_max_diff <= 1e-5
-    assert report.embed_resid_max_diff <= 1e-5
-    assert report.causal_max_diff_before <= 1e-5
-    assert report.tl_patching_max_diff <= 1e-5
-
-
-def _release_forward(
-    w: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor, mel: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
-    """The release forward (spec §4.4, §4.5, §4.7) on release-named tensors, independent of the port's modules."""
-    a, d_a, heads_a = "transformer.audio.", cfg["audio"]["n_state"], cfg["audio"]["n_head"]
-    t_cnn = lengths[:, 0]
-    n_frames = int(t_cnn.max())
-    x = F.gelu(F.conv1d(mel[:, :, : 2 * n_frames], w[a + "conv1.weight"], w[a + "conv1.bias"], padding=1))
-    x = F.gelu(F.conv1d(x, w[a + "conv2.weight"], w[a + "conv2.bias"], stride=2, padding=1)).permute(0, 2, 1)
-    x = x + w[a + "positional_embedding"][:n_frames]
-    pad = torch.arange(n_frames)[None, :] >= t_cnn[:, None]
-    x = x.masked_fill(pad[..., None], 0.0)
-    key_mask = torch.zeros(pad.shape).masked_fill(pad, float("-inf"))[:, None, None, :]
-
-    def heads(t: torch.Tensor, n: int) -> torch.Tensor:
-        return t.reshape(*t.shape[:2], n, -1).transpose(1, 2)
-
-    def merge(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).flatten(2)
-
-    for i in range(cfg["audio"]["n_layer"]):
-        p = f"{a}blocks.{i}."
-        h = F.layer_norm(x, (d_a,), w[p + "attn_ln.weight"], w[p + "attn_ln.bias"])
-        scale = (d_a // heads_a) ** -0.25
-        q = heads(F.linear(h, w[p + "attn.query.weight"], w[p + "attn.query.bias"]), heads_a) * scale
-        k = heads(F.linear(h, w[p + "attn.key.weight"]), heads_a) * scale
-        v = heads(F.linear(h, w[p + "attn.value.weight"], w[p + "attn.value.bias"]), heads_a)
-        att = (q @ k.transpose(-1, -2) + key_mask).softmax(-1)
-        x = x + F.linear(merge(att @ v), w[p + "attn.out.weight"], w[p + "attn.out.bias"])
-        h = F.layer_norm(x, (d_a,), w[p + "mlp_ln.weight"], w[p + "mlp_ln.bias"])
-        x = x + F.linear(F.gelu(F.linear(h, w[p + "mlp.0.weight"], w[p + "mlp.0.bias"])), w[p + "mlp.2.weight"], w[p + "mlp.2.bias"])
-    x = F.avg_pool1d(x.permute(0, 2, 1), 2, 2).permute(0, 2, 1)
-    x = F.layer_norm(x, (d_a,), w[a + "ln_post.weight"], w[a + "ln_post.bias"])
-    x = F.linear(x, w[a + "proj.weight"], w[a + "proj.bias"])
-    bos, eos = w[a + "audio_bos_eos_token.weight"]
-
-    start_id = cfg["audio"]["audio_start_id"]
-    h = w["transformer.wte.weight"][ids].clone()
-    for b in range(ids.shape[0]):
-        s, e = int((ids[b] == start_id).nonzero()), int((ids[b] == start_id + 1).nonzero())
-        h[b, s : e + 1] = torch.cat([bos[None], x[b, : int(lengths[b, 1])], eos[None]])
-
-    d, n_heads, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layer_norm_epsilon"]
-    hd, seq = d // n_heads, ids.shape[1]
-    inv_freq = 1.0 / cfg["rotary_emb_base"] ** (torch.arange(0, hd, 2).float() / hd)
-    angles = torch.outer(torch.arange(seq).float(), inv_freq).repeat(1, 2)
-    cos, sin = angles.cos(), angles.sin()
-
-    def rope(t: torch.Tensor) -> torch.Tensor:
-        t1, t2 = t.chunk(2, dim=-1)
-        return t * cos + torch.cat([-t2, t1], dim=-1) * sin
-
-    def rms(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"transformer.h.{i}."
-        q, k, v = F.linear(rms(h, w[p + "ln_1.weight"]), w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"]).split(d, -1)
-        q, k, v = rope(heads(q, n_heads)), rope(heads(k, n_heads)), heads(v, n_heads)
-        att = (q @ k.transpose(-1, -2) / hd**0.5).masked_fill(~causal, float("-inf")).softmax(-1)
-        h = h + F.linear(merge(att @ v), w[p + "attn.c_proj.weight"])
-        m = rms(h, w[p + "ln_2.weight"])
-        h = h + F.linear(F.linear(m, w[p + "mlp.w1.weight"]) * F.silu(F.linear(m, w[p + "mlp.w2.weight"])), w[p + "mlp.c_proj.weight"])
-    return F.linear(rms(h, w["transformer.ln_f.weight"]), w["lm_head.weight"])
+# -- the release math -----------------------------------------------------------------------------------------------
 
 
 def test_forward_equals_the_release_math_for_a_batch_of_unequal_clips(tiny):
@@ -148,7 +69,7 @@ def test_forward_equals_the_release_math_for_a_batch_of_unequal_clips(tiny):
     batch = LALMInput.stack([model.prepare(c, PROMPT, PREFIX) for c in clips])
     assert batch.audio_features["input_audio_lengths"].tolist() == [[10, 5], [11, 5]]
     with torch.no_grad():
-        expected = _release_forward(
+        expected = release_forward(
             release_state_dict(hf_model), release_config(hf_model), batch.tokens,
             batch.audio_features["input_features"], batch.audio_features["input_audio_lengths"],
         )
@@ -330,7 +251,7 @@ def test_the_port_claims_qwen_v1_configs_with_an_audio_section_only():
     assert not port.matches({"architectures": ["Qwen2AudioForConditionalGeneration"], "model_type": "qwen2_audio"})
 
 
-# -- the real vocabulary (shared/reference) ------------------------------------------------------------------------
+# -- the real vocabulary (the release files) -----------------------------------------------------------------------
 
 
 def test_release_special_token_ids(release_tokenizer):
@@ -342,7 +263,7 @@ def test_release_special_token_ids(release_tokenizer):
 
 
 def test_chat_prompt_tokenises_exactly_as_the_release(release_tokenizer):
-    """Spec §4.6: q = "what does the person say?", a 5-s clip -> 157 tokens."""
+    """Release `make_context` (chatml) for q = "what does the person say?" and a 5-s clip: 157 tokens."""
     processor = QwenAudioProcessor(release_tokenizer, "chatml")
     span = int(processor.features(np.zeros(80000, dtype=np.float32))["input_audio_lengths"][0, 1]) + 2
     ids = processor.prompt_ids("what does the person say?", "", span)
@@ -352,7 +273,7 @@ def test_chat_prompt_tokenises_exactly_as_the_release(release_tokenizer):
 
 
 def test_base_asr_prompt_tokenises_as_the_release(release_tokenizer):
-    """Spec §4.6: the base model's ASR prompt is 133 tokens for 5 s, the task tags being special tokens."""
+    """The base model's ASR prompt (release README) is 133 tokens for 5 s, the task tags being special tokens."""
     processor = QwenAudioProcessor(release_tokenizer, "raw")
     ids = processor.prompt_ids("<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|><|wo_itn|>", "", 127)
     assert len(ids) == 133

@@ -1,4 +1,5 @@
-"""The Voxtral port: release prompt layout, 30-s chunking, conformance with the HF forward, loading offline.
+"""The Voxtral port: release prompt layout, 30-s chunking, batches, loading offline (the conformance kit runs on
+it in `test_conformance.py`).
 
 Tiny random-weight models only; nothing is downloaded. The mistral-common path (every released checkpoint) is
 checked against the offline assembly where mistral-common is installed, and skipped where it is not.
@@ -15,32 +16,19 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from conftest import GENDER, GENDER_PREFIX, GENDER_PROMPT
 from transformers import WhisperFeatureExtractor
 
 from audiolens_ct import HookedLALM
 from audiolens_ct.errors import CheckpointError
 from audiolens_ct.inputs import LALMInput
 from audiolens_ct.ports import get_port
-from audiolens_ct.testing import (
-    ATOL,
-    check_embed_is_resid_pre,
-    check_logits_match,
-    check_port,
-    tiny_model,
-    tone,
-)
+from audiolens_ct.testing import ATOL, check_embed_is_resid_pre, check_logits_match, tiny_model, tone
 from model_ports.voxtral import VoxtralPort, assembled_prompt, chunked_features, rows_per_chunk
 
-PROMPT = "What is the gender of the speaker in the speech? Possible options: male, female."
-PREFIX = "The speaker's gender is"
-OPTIONS = ["male", "female"]
+PROMPT, PREFIX, OPTIONS = GENDER_PROMPT, GENDER_PREFIX, list(GENDER.labels)
 AUDIO_ID = 24  # `[AUDIO]` in the released Tekken vocabulary
 ROWS_PER_CHUNK = 375  # 30 s at 12.5 Hz
-
-CONFIGS = {
-    "gqa": {},  # 4 query heads share 2 key/value heads, head_dim 16 = 64 / 4
-    "decoupled_head_dim": {"text_config": {"head_dim": 32}},  # 4 heads x 32 != hidden 64
-}
 
 
 def _wrapped(seed: int = 0, **overrides) -> tuple[HookedLALM, torch.nn.Module]:
@@ -105,17 +93,7 @@ def test_backbone_is_a_llama_shell_sharing_the_decoder_and_head(gqa):
     assert backbone.causal_lm.lm_head is model.hf_model.lm_head
 
 
-# -- conformance with the HF forward ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_logits_and_embeddings_match_the_hf_forward_from_half_a_second_to_two_chunks(config):
-    hf_model, processor = tiny_model("voxtral", **copy.deepcopy(CONFIGS[config]))
-    waves = [tone(0.5), tone(5.0, freq=330.0), tone(12.0, seed=1), tone(35.0, seed=2)]
-    report = check_port("voxtral", hf_model, processor, waves, PROMPT, PREFIX, OPTIONS, tl_patching=False)
-    assert report.logits_max_diff <= ATOL
-    assert report.embed_resid_max_diff <= ATOL
-    assert report.causal_max_diff_before <= ATOL
+# -- batches ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seconds", [5.0, 35.0])
@@ -126,24 +104,12 @@ def test_a_batch_of_two_clips_gives_each_clip_its_own_rows(gqa, seconds):
     chunks = 1 if seconds < 30 else 2
     assert tuple(batch.audio_features["input_features"].shape) == (2, chunks, 128, 3000)
 
-    assert check_logits_match(model, reference, batch) <= ATOL
-    assert check_embed_is_resid_pre(model, batch) <= ATOL
+    check_logits_match(model, reference, batch)  # each check raises beyond 1e-5
+    check_embed_is_resid_pre(model, batch)
     with torch.no_grad():
         together, alone = model(batch), torch.cat([model(first), model(second)])
     assert (together - alone).abs().max().item() <= ATOL
     assert (alone[0] - alone[1]).abs().max().item() > 1e-3  # the two clips do differ, so a row mix-up shows
-
-
-def test_transformer_lens_patching_equals_a_plain_hf_patching_loop():
-    # The check patches every position, so this model is cut short: 2 layers, and a projector reading 20 frames
-    # a row (intermediate 160 = 20 x 8) gives 75 audio rows a chunk instead of 375.
-    small = {
-        "text_config": {"num_hidden_layers": 2},
-        "audio_config": {"num_hidden_layers": 1, "hidden_size": 8, "intermediate_size": 160},
-    }
-    hf_model, processor = tiny_model("voxtral", **small)
-    report = check_port("voxtral", hf_model, processor, [tone(0.5)], PROMPT, PREFIX, OPTIONS, tl_patching=True)
-    assert report.tl_patching_max_diff <= ATOL
 
 
 # -- loading ---------------------------------------------------------------------------------------------------

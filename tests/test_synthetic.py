@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from audiolens_ct.data import TRACKS, load_sakura, synthetic_clip, write_synthetic_sakura
-from audiolens_ct.data.synthetic import SAMPLING_RATE, clip_rng
+from audiolens_ct.data import TRACKS, load_sakura
+from audiolens_ct.demo.synthetic import SAMPLING_RATE, clip_rng, synthetic_clip, write_synthetic_sakura
 from audiolens_ct.errors import DataError
 
 TRAIN_CLIPS, HELDOUT_CLIPS = 160, 80  # per track, spread evenly over its labels

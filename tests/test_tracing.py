@@ -1,6 +1,7 @@
 """Causal tracing: the fast engine equals the TransformerLens reference engine; RR and exclusion follow the paper."""
 
 import itertools
+from functools import partial
 
 import numpy as np
 import pytest
@@ -8,10 +9,12 @@ import torch
 from conftest import GENDER_PREFIX, GENDER_PROMPT
 
 import audiolens_ct as act
-from audiolens_ct.data.answers import answer_tokens
+from audiolens_ct.errors import AudioLoadError, InputError
 from audiolens_ct.testing import tone
 from audiolens_ct.tracing import layer_wise, token_wise
-from audiolens_ct.tracing.engine_fast import evaluate_fast, run_corrupted
+from audiolens_ct.tracing.engine_fast import FastEngine
+from audiolens_ct.tracing.engine_reference import ReferenceEngine
+from audiolens_ct.tracing.scoring import answer_probability, answer_tokens
 
 WORDS = ["male", "female", "dog", "cat", "pig", "cow", "frog", "hen", "sheep", "crow", "angry", "happy", "sad", "fear"]
 
@@ -107,33 +110,32 @@ def test_fast_engine_reuses_one_corrupted_run_across_chunk_sizes(qwen2_audio_mod
     model = qwen2_audio_model
     _, target, options = kept
     clean, corrupted, cache = silenced
-    run = run_corrupted(model, corrupted)
-    with torch.no_grad():
-        direct = model(corrupted)[0, -1]
-    assert (run.last_logits[0] - direct).abs().max() <= 1e-5
-    sweep = token_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
-    tid = answer_tokens(model.tokenizer, options)[target]
-    grids = [evaluate_fast(model, sweep, cache, run, tid, max_batch=b) for b in (1, 2, 64)]
+    run = FastEngine().run_corrupted(model, corrupted)
+    direct = ReferenceEngine().run_corrupted(model, corrupted)
+    assert (run.last_logits - direct.last_logits).abs().max() <= 1e-5
+    patches = token_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
+    metric = partial(answer_probability, target=answer_tokens(model.tokenizer, options)[target])
+    grids = [FastEngine(max_batch=b).evaluate(model, patches, cache, run, metric) for b in (1, 2, 64)]
     assert torch.allclose(grids[0], grids[1], atol=1e-9) and torch.allclose(grids[0], grids[2], atol=1e-9)
-    layer = evaluate_fast(model, layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions), cache,
-                          run, tid)
+    layer = FastEngine().evaluate(model, layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions),
+                                  cache, run, metric)
     assert layer.shape == (model.cfg.n_layers,)
 
 
 def test_bad_inputs_fail_clearly(qwen2_audio_model):
     model = qwen2_audio_model
-    with pytest.raises(act.InputError, match="'wolf' is not among the options"):
+    with pytest.raises(InputError, match="'wolf' is not among the options"):
         act.trace(model, tone(1.0), GENDER_PROMPT, GENDER_PREFIX, target="wolf", options=["male", "female"])
     # " catalog" and " cat" share the tiny tokenizer's first token " cat"
     assert model.tokenizer.tokenize(" catalog")[0] == model.tokenizer.tokenize(" cat")[0]
-    with pytest.raises(act.InputError, match="distinct tokens.*'cat', 'catalog'"):
+    with pytest.raises(InputError, match="distinct tokens.*'cat', 'catalog'"):
         act.trace(model, tone(1.0), GENDER_PROMPT, GENDER_PREFIX, target="cat", options=["cat", "catalog"])
-    with pytest.raises(act.AudioLoadError, match="mono 1-D"):
+    with pytest.raises(AudioLoadError, match="mono 1-D"):
         act.trace(model, np.zeros((16000, 2)), GENDER_PROMPT, GENDER_PREFIX, target="male", options=["male", "female"])
-    with pytest.raises(act.InputError, match="unknown engine"):
+    with pytest.raises(InputError, match="unknown engine"):
         act.trace(model, tone(1.0), GENDER_PROMPT, GENDER_PREFIX, target="male", options=["male", "female"],
                   engine="nnsight")
-    with pytest.raises(act.InputError, match="same length"):
+    with pytest.raises(InputError, match="same length"):
         act.trace(model, tone(1.0), GENDER_PROMPT, GENDER_PREFIX, target="male", options=["male", "female"],
                   corruption="swap", swap_audio=tone(2.0))
 
@@ -151,7 +153,6 @@ def test_result_round_trips_through_json_and_npz(qwen2_audio_model, kept, tmp_pa
 def test_engines_agree_when_clean_and_corrupted_lengths_differ(qwen2_audio_model, kept):
     """Like DeSTA with a changed transcript: the text after the audio is aligned by its offset from the end."""
     from audiolens_ct.tracing import aligned_positions
-    from audiolens_ct.tracing.engine_reference import evaluate_reference
 
     model = qwen2_audio_model
     wave, target, options = kept
@@ -162,16 +163,13 @@ def test_engines_agree_when_clean_and_corrupted_lengths_differ(qwen2_audio_model
     assert offset > 0 and src == clean.text_positions and dst == [p + offset for p in src]
     assert [longer.str_tokens[0][d] for d in dst] == [clean.str_tokens[0][s] for s in src]
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_mlp_out"))
-    tid = answer_tokens(model.tokenizer, options)[target]
-
-    def metric(logits):
-        return logits[:, -1].softmax(-1)[:, tid].mean()
-
-    for sweep in (token_wise(model.cfg.n_layers, src, dst, kind="mlp_out"),
-                  layer_wise(model.cfg.n_layers, src, dst, kind="mlp_out")):
-        fast = evaluate_fast(model, sweep, cache, longer, tid, max_batch=3)
-        ref = evaluate_reference(model, sweep, cache, longer, metric)
-        assert (fast - ref).abs().max() <= 1e-6
+    metric = partial(answer_probability, target=answer_tokens(model.tokenizer, options)[target])
+    for patches in (token_wise(model.cfg.n_layers, src, dst, kind="mlp_out"),
+                    layer_wise(model.cfg.n_layers, src, dst, kind="mlp_out")):
+        fast, reference = FastEngine(max_batch=3), ReferenceEngine()
+        fast_values = fast.evaluate(model, patches, cache, fast.run_corrupted(model, longer), metric)
+        ref = reference.evaluate(model, patches, cache, reference.run_corrupted(model, longer), metric)
+        assert (fast_values - ref).abs().max() <= 1e-6
 
 
 PORT_CASES = [("resid_pre", 1, "silence"), ("attn_out", 1, "noise"), ("mlp_out", 3, "swap"), ("resid_post", 1, "silence")]
@@ -205,7 +203,7 @@ def test_fast_engine_equals_reference_engine_on_desta(port, policy):
     for kind, window, corruption in cases:
         common = dict(target="male", options=["male", "female"], kind=kind, window=window, corruption=corruption,
                       noise_copies=2, swap_audio=tone(0.8, 700, seed=3), trace_excluded=True,
-                      transcript_policy=policy, transcript="hello world the speaker")
+                      transcript_policy=policy, port_kwargs={"transcript": "hello world the speaker"})
         fast = act.trace(model, tone(0.8, 300), GENDER_PROMPT, GENDER_PREFIX, engine="fast", max_batch=2, **common)
         ref = act.trace(model, tone(0.8, 300), GENDER_PROMPT, GENDER_PREFIX, engine="transformer_lens", **common)
         assert np.abs(fast.p_token - ref.p_token).max() <= 1e-6, (port, kind)
@@ -221,8 +219,10 @@ def test_transformer_lens_hooks_fire_inside_the_fast_engine(qwen2_audio_model, k
     _, target, options = kept
     clean, corrupted, cache = silenced
     seen = []
-    sweep = layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
+    patches = layer_wise(model.cfg.n_layers, clean.text_positions, clean.text_positions)
+    metric = partial(answer_probability, target=answer_tokens(model.tokenizer, options)[target])
     with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: seen.append(tuple(x.shape)))]):
-        evaluate_fast(model, sweep, cache, corrupted, answer_tokens(model.tokenizer, options)[target])
+        engine = FastEngine()
+        engine.evaluate(model, patches, cache, engine.run_corrupted(model, corrupted), metric)
     # once in the corrupted run (full length), then in the suffix pass (rows joined at layers 0 and 1)
     assert seen[0][1] == corrupted.shape[1] and seen[-1][1] == len(clean.text_positions)

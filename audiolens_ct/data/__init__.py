@@ -1,10 +1,12 @@
-"""Data for tracing: the AudioLens tracks and prompts, SAKURA and manifest loaders, and a synthetic SAKURA."""
+"""Data for tracing: the AudioLens tracks and prompts, and the SAKURA and manifest loaders.
+
+Synthetic SAKURA-like clips (for the demo and tests) live in `audiolens_ct.demo.synthetic`.
+"""
 
 from audiolens_ct.data.manifest import load_manifest
 from audiolens_ct.data.prompts import ATTRIBUTES, TRACKS, Track, get_track, make_track
 from audiolens_ct.data.sakura import load_sakura, load_sakura_hf
 from audiolens_ct.data.sample import Sample, make_sample
-from audiolens_ct.data.synthetic import synthetic_clip, write_synthetic_sakura
 from audiolens_ct.errors import DataError
 
 __all__ = [
@@ -19,6 +21,4 @@ __all__ = [
     "load_sakura_hf",
     "make_sample",
     "make_track",
-    "synthetic_clip",
-    "write_synthetic_sakura",
 ]

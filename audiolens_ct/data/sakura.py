@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from audiolens_ct.audio import decode
 from audiolens_ct.data.manifest import read_utf8
 from audiolens_ct.data.prompts import ATTRIBUTES, Track, get_track
 from audiolens_ct.data.sample import Sample, make_sample
-from audiolens_ct.errors import DataError
+from audiolens_ct.errors import AudioLoadError, DataError
 
 TRACK_FOLDERS = {"animal": "Animal", "emotion": "Emotion", "gender": "Gender", "language": "Language"}
 LABEL_COLUMN = "attribute_label"
@@ -165,13 +166,11 @@ def _audio_cell(cell: Any) -> tuple[Path | None, np.ndarray | None, int | None, 
     if cell.get("array") is not None:
         return path, np.asarray(cell["array"], dtype=np.float32), int(cell["sampling_rate"]), None
     if cell.get("bytes"):
-        import soundfile as sf
-
         try:
-            data, rate = sf.read(io.BytesIO(cell["bytes"]), dtype="float32", always_2d=True)
-        except Exception as exc:  # soundfile raises several unrelated types for bad data
-            return path, None, None, f"{path or 'audio bytes'}: not readable audio (soundfile: {exc})"
-        return path, data.mean(axis=1), int(rate), None
+            wave, rate = decode(cell["bytes"], name=str(path or "audio bytes"))
+        except AudioLoadError as exc:
+            return path, None, None, str(exc)
+        return path, wave, rate, None
     if path is None:
         return None, None, None, "the audio cell holds no array, bytes or path"
     return path, None, None, None

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
-from audiolens_ct.audio import load_audio
+from audiolens_ct.audio import checked_mono, load_audio, resample
 from audiolens_ct.data.prompts import Track
 from audiolens_ct.errors import AudioLoadError
 
@@ -71,24 +71,12 @@ class Sample:
 
     def load(self, sampling_rate: int) -> Float[np.ndarray, " samples"]:
         """The clip as a mono float32 waveform at `sampling_rate` Hz (channels averaged, resampled)."""
-        if self.waveform is None:
-            if self.audio_path is None:
-                raise AudioLoadError(f"sample {self.id}: holds neither an audio path nor a waveform")
-            return load_audio(self.audio_path, sampling_rate)
-        wave = np.asarray(self.waveform, dtype=np.float32)
-        if wave.ndim == 2:
-            wave = wave.mean(axis=int(np.argmin(wave.shape)))
-        if wave.ndim != 1 or wave.size == 0:
-            raise AudioLoadError(
-                f"sample {self.id}: the waveform has shape {wave.shape}, expected a 1-D clip"
-            )
-        if not np.isfinite(wave).all():
-            raise AudioLoadError(f"sample {self.id}: the waveform holds NaN or infinite samples")
-        if self.waveform_rate != sampling_rate:
-            import librosa
-
-            wave = librosa.resample(wave, orig_sr=self.waveform_rate, target_sr=sampling_rate)
-        return np.ascontiguousarray(wave, dtype=np.float32)
+        if self.waveform is not None:
+            wave = checked_mono(self.waveform, f"sample {self.id}", "the waveform")
+            return resample(wave, self.waveform_rate, sampling_rate)
+        if self.audio_path is None:
+            raise AudioLoadError(f"sample {self.id}: holds neither an audio path nor a waveform")
+        return load_audio(self.audio_path, sampling_rate)
 
 
 def make_sample(

@@ -1,20 +1,26 @@
-"""Causal tracing: the sweep core, the reference and fast engines, and `trace`."""
+"""Causal tracing of one clip: patch sets, the engines that evaluate them, scoring, the audit, and `trace`.
 
-from audiolens_ct.choices import ENGINES, KINDS, MODES
-from audiolens_ct.errors import ExactnessError
+Read `patches.py` first (the method, and what a patch is), then `clip.py` (`trace` as five named steps),
+`engine.py` (the protocol both engines implement), `engine_fast.py` and `audit.py`.
+"""
+
+from audiolens_ct.tracing.clip import aligned_positions, trace
+from audiolens_ct.tracing.engine import CorruptedRun, Engine, get_engine
+from audiolens_ct.tracing.patches import Patch, PatchSet, layer_wise, token_wise
 from audiolens_ct.tracing.result import TraceResult
-from audiolens_ct.tracing.sweep import Patch, Sweep, layer_wise, token_wise
-from audiolens_ct.tracing.trace import aligned_positions, trace
+from audiolens_ct.tracing.scoring import answer_probability, answer_token, answer_tokens
 
 __all__ = [
-    "ENGINES",
-    "ExactnessError",
-    "KINDS",
-    "MODES",
+    "CorruptedRun",
+    "Engine",
     "Patch",
-    "Sweep",
+    "PatchSet",
     "TraceResult",
     "aligned_positions",
+    "answer_probability",
+    "answer_token",
+    "answer_tokens",
+    "get_engine",
     "layer_wise",
     "token_wise",
     "trace",

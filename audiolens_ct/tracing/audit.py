@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib.metadata
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,8 +37,12 @@ from transformer_lens.ActivationCache import ActivationCache
 
 from audiolens_ct.errors import ExactnessError
 from audiolens_ct.inputs import LALMInput
-from audiolens_ct.tracing.engine_reference import patched_metric
-from audiolens_ct.tracing.sweep import Sweep
+from audiolens_ct.tracing.engine import CorruptedRun, Metric
+from audiolens_ct.tracing.engine_reference import ReferenceEngine, patched_metric
+from audiolens_ct.tracing.patches import PatchSet
+
+if TYPE_CHECKING:
+    from audiolens_ct.model import HookedLALM
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 """Largest accepted |fast - reference| in probability, by the model's parameter dtype."""
@@ -59,12 +63,12 @@ def versions() -> dict[str, str]:
 
 
 def layer_cells(n_layers: int) -> list[int]:
-    """Audited indices of a layer-wise sweep: the last layer."""
+    """Audited indices of a layer-wise patch set: the last layer."""
     return [n_layers - 1]
 
 
 def token_cells(n_layers: int, n_positions: int, seed: int, first_live_layer: int = 0) -> list[int]:
-    """Audited indices of a layer-major token-wise sweep `[n_layers, n_positions]`: the last position at a layer
+    """Audited indices of a layer-major token-wise patch set `[n_layers, n_positions]`: the last position at a layer
     drawn from `seed`, and `TOKEN_CELLS - 1` more distinct cells drawn from `seed`, all at layers >=
     `first_live_layer` (when the model has such layers)."""
     rng = random.Random(f"audiolens-ct audit {seed}")
@@ -76,26 +80,32 @@ def token_cells(n_layers: int, n_positions: int, seed: int, first_live_layer: in
     return cells
 
 
+def corrupted_cell(model: HookedLALM, corrupted: CorruptedRun, metric: Metric) -> dict[str, Any]:
+    """The unpatched corrupted run: the fast engine's value next to a full TransformerLens forward's."""
+    reference = ReferenceEngine().run_corrupted(model, corrupted.input)
+    return dict(mode="corrupted", fast=float(metric(corrupted.last_logits)), reference=float(metric(reference.last_logits)))
+
+
 def recompute(
-    model: Any,
+    model: HookedLALM,
     mode: str,
-    sweep: Sweep,
+    patches: PatchSet,
     fast: np.ndarray,
     picks: Sequence[int],
     clean_cache: ActivationCache,
     corrupted: LALMInput,
-    metric: Callable[[torch.Tensor], torch.Tensor],
+    metric: Metric,
     describe: Callable[[int], dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """The audited cells `picks` of `sweep`: their fast values next to the reference engine's."""
+    """The audited cells `picks` of a patch set: their fast values next to the reference engine's."""
     return [
         dict(mode=mode, **describe(i), fast=float(fast[i]),
-             reference=patched_metric(model, sweep.kind, sweep.patches[i], clean_cache, corrupted, metric))
+             reference=patched_metric(model, patches.kind, patches.patches[i], clean_cache, corrupted, metric))
         for i in picks
     ]
 
 
-def verdict(cells: list[dict[str, Any]], model: Any) -> dict[str, Any]:
+def verdict(cells: list[dict[str, Any]], model: HookedLALM) -> dict[str, Any]:
     """The audit record of a trace; raises `ExactnessError` if a cell differs by more than the tolerance of the
     model's dtype."""
     dtype = next(model.bridge.parameters()).dtype

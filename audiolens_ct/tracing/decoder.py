@@ -31,7 +31,7 @@ from transformer_lens.utilities import get_act_name
 from transformers import AttentionInterface
 
 from audiolens_ct.choices import KINDS
-from audiolens_ct.errors import UnsupportedHookError
+from audiolens_ct.errors import PortError, UnsupportedHookError
 
 ATTENTION_NAME = "audiolens_ct_prefix_kv"
 """The name under which the prefix-aware attention function is registered with transformers."""
@@ -158,6 +158,11 @@ class PlainDecoder:
     """
 
     def __init__(self, bridge: Any) -> None:
+        if getattr(bridge, "rotary_emb", None) is None:
+            raise PortError(
+                f"the fast engine needs a rotary-position (RoPE) decoder backbone, and the bridge of "
+                f"{bridge.cfg.model_name!r} has no rotary_emb (see Port.backbone); use engine='transformer_lens'"
+            )
         self.bridge = bridge
         self.layers: list[nn.Module] = []
         self.attn: list[nn.Module] = []
@@ -182,7 +187,10 @@ class PlainDecoder:
                 else:
                     children[name] = _unwrap(child)
             if set(taps) != {"attn_out", "mlp_out"}:
-                raise NotImplementedError(f"block {index}: no attention and MLP components found in the bridge")
+                raise PortError(
+                    f"block {index} of the bridge has no attention and MLP components the fast engine can call (see "
+                    "Port.backbone); use engine='transformer_lens'"
+                )
             layer._modules = children
             self.layers.append(layer)
             self.taps.append(taps)

@@ -1,4 +1,4 @@
-"""The fast engine: the same sweep as the reference engine, without recomputing what a patch cannot change.
+"""The fast engine: the same patch sets as the reference engine, without recomputing what a patch cannot change.
 
 A patch at (layer l, position i) leaves every position before i unchanged at every layer, and every position at
 layers below l unchanged. So:
@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -37,16 +37,19 @@ from transformer_lens.utilities import get_act_name
 
 from audiolens_ct.inputs import LALMInput
 from audiolens_ct.tracing.decoder import KV, PrefixKV, RecordKV, plain_decoder
-from audiolens_ct.tracing.sweep import Patch, Sweep
+from audiolens_ct.tracing.engine import CorruptedRun, Metric
+from audiolens_ct.tracing.patches import Patch, PatchSet
+
+if TYPE_CHECKING:
+    from audiolens_ct.model import HookedLALM
 
 
 @dataclass
-class CorruptedRun:
-    """What the fast engine keeps of the corrupted run: residuals before each layer, and keys/values."""
+class FastCorruptedRun(CorruptedRun):
+    """The corrupted run as the fast engine keeps it: also the residuals before each layer, and keys/values."""
 
     resid_pre: list[Float[torch.Tensor, "copies pos d_model"]]
     kv: dict[int, KV]
-    last_logits: Float[torch.Tensor, "copies vocab"]
 
 
 def _write_rows(
@@ -63,12 +66,12 @@ def _unembed_last(bridge: Any, h: Float[torch.Tensor, "rows pos d_model"]) -> Fl
     return bridge.unembed(bridge.ln_final(h[:, -1:]))[:, 0]
 
 
-def run_corrupted(model: Any, corrupted: LALMInput) -> CorruptedRun:
+def run_corrupted(model: HookedLALM, corrupted: LALMInput) -> FastCorruptedRun:
     """Run the corrupted input once through the model's own layers, keeping residuals and keys/values."""
     decoder = plain_decoder(model)
     decoder.check_hooks()
     bridge = model.bridge
-    with torch.no_grad(), model._spliced(corrupted):
+    with torch.no_grad(), model.spliced(corrupted):
         h = bridge.embed(corrupted.tokens)
         positions, rotary = decoder.positions(0, h.shape[1], h)
         recorder = RecordKV()
@@ -78,12 +81,12 @@ def run_corrupted(model: Any, corrupted: LALMInput) -> CorruptedRun:
             h = decoder.run_layer(index, h, positions, rotary, recorder,
                                   last_position_only=index == last and decoder.last_layer_unread())
             resid.append(h)
-        return CorruptedRun(resid[:-1], recorder.kv, _unembed_last(bridge, h))
+        return FastCorruptedRun(corrupted, _unembed_last(bridge, h), resid[:-1], recorder.kv)
 
 
 def _suffix_pass(
-    model: Any,
-    run: CorruptedRun,
+    model: HookedLALM,
+    run: FastCorruptedRun,
     kind: str,
     clean_cache: ActivationCache,
     rows: list[Patch],
@@ -120,7 +123,7 @@ def _suffix_pass(
     return _unembed_last(model.bridge, h).reshape(len(rows), copies, -1)
 
 
-def _writes_nothing_new(kind: str, patch: Patch, clean_cache: ActivationCache, run: CorruptedRun) -> bool:
+def _writes_nothing_new(kind: str, patch: Patch, clean_cache: ActivationCache, run: FastCorruptedRun) -> bool:
     """A residual patch whose clean values equal the corrupted ones exactly (e.g. text token embeddings before
     layer 0) cannot change the output: its result is the corrupted run's, with no pass needed."""
     if kind != "resid_pre":
@@ -134,36 +137,37 @@ def _writes_nothing_new(kind: str, patch: Patch, clean_cache: ActivationCache, r
     )
 
 
-def evaluate_fast(
-    model: Any,
-    sweep: Sweep,
-    clean_cache: ActivationCache,
-    corrupted: LALMInput | CorruptedRun,
-    target: int,
-    max_batch: int = 64,
-) -> Float[torch.Tensor, " n_patches"]:
-    """P(target) at the last position (mean over corrupted copies) for each patch of `sweep`.
+@dataclass
+class FastEngine:
+    """Suffix recomputation with a growing batch (module docstring); `max_batch` bounds the rows per pass."""
 
-    Args:
-        corrupted: the corrupted input, or its `run_corrupted` result to reuse across sweeps.
-        max_batch: the most rows (patches x corrupted copies) one pass may hold; bounds memory.
-    """
-    run = corrupted if isinstance(corrupted, CorruptedRun) else run_corrupted(model, corrupted)
-    copies = run.resid_pre[0].shape[0]
-    per_pass = max(1, max_batch // copies)
-    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = defaultdict(list)
-    for n, patch in enumerate(sweep.patches):
-        groups[(patch.src, patch.dst)].append(n)
-    out = torch.zeros(len(sweep.patches), dtype=torch.float64)
-    p_corrupted = run.last_logits.float().softmax(-1)[..., target].double().mean().item()
-    with torch.no_grad():
-        for (_, dst), group in groups.items():
-            inert = [n for n in group if _writes_nothing_new(sweep.kind, sweep.patches[n], clean_cache, run)]
-            out[inert] = p_corrupted
-            members = sorted(set(group) - set(inert), key=lambda n: min(sweep.patches[n].layers))
-            for lo in range(0, len(members), per_pass):
-                chunk = members[lo : lo + per_pass]
-                logits = _suffix_pass(model, run, sweep.kind, clean_cache, [sweep.patches[n] for n in chunk], min(dst))
-                probs = logits.float().softmax(-1)[..., target].double().mean(-1)
-                out[chunk] = probs.cpu()
-    return out
+    max_batch: int = 64
+    name: str = "fast"
+
+    def run_corrupted(self, model: HookedLALM, corrupted: LALMInput) -> FastCorruptedRun:
+        """The corrupted run once, keeping residuals and keys/values for the suffix passes."""
+        return run_corrupted(model, corrupted)
+
+    def evaluate(
+        self, model: HookedLALM, patches: PatchSet, clean_cache: ActivationCache, corrupted: CorruptedRun, metric: Metric
+    ) -> Float[torch.Tensor, " n_patches"]:
+        """`metric` of the corrupted run with each patch applied; patches sharing positions share passes."""
+        run = corrupted if isinstance(corrupted, FastCorruptedRun) else run_corrupted(model, corrupted.input)
+        copies = run.resid_pre[0].shape[0]
+        per_pass = max(1, self.max_batch // copies)
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = defaultdict(list)
+        for n, patch in enumerate(patches.patches):
+            groups[(patch.src, patch.dst)].append(n)
+        out = torch.zeros(len(patches.patches), dtype=torch.float64)
+        unpatched = float(metric(run.last_logits))
+        with torch.no_grad():
+            for (_, dst), group in groups.items():
+                inert = [n for n in group if _writes_nothing_new(patches.kind, patches.patches[n], clean_cache, run)]
+                out[inert] = unpatched
+                members = sorted(set(group) - set(inert), key=lambda n: min(patches.patches[n].layers))
+                for lo in range(0, len(members), per_pass):
+                    chunk = members[lo : lo + per_pass]
+                    logits = _suffix_pass(model, run, patches.kind, clean_cache, [patches.patches[n] for n in chunk],
+                                          min(dst))  # fmt: skip
+                    out[chunk] = torch.stack([metric(row) for row in logits]).double().cpu()
+        return out

@@ -1,4 +1,4 @@
-"""The sweep core: a causal-tracing sweep is a list of patches, and engines evaluate lists of patches.
+"""Patch sets: causal tracing is a list of patches, and engines evaluate lists of patches.
 
 Causal tracing (Meng et al., ROME) runs the model three ways: on the clean input (the real audio), on a corrupted
 input (the audio taken away, e.g. replaced by silence), and on the corrupted input with one clean activation
@@ -13,7 +13,7 @@ is 0 when the patch restores nothing and 1 when it restores the clean prediction
   the sequence already hold what the answer needs at layer l?
 - **Token-wise tracing** restores one position i at layer l: which text tokens carry the audio information?
 
-Both are index sets over the same core: a `Patch` restores the clean activation of one kind (`resid_pre`,
+Both are patch sets built on the same core: a `Patch` restores the clean activation of one kind (`resid_pre`,
 `resid_post`, `attn_out`, `mlp_out`) at some layers (one, or a ROME window of consecutive layers) and some
 positions. Clean and corrupted sequences may differ in length (DeSTA transcripts); a patch therefore names the
 clean positions it reads (`src`) and the corrupted positions it writes (`dst`).
@@ -36,7 +36,7 @@ class Patch:
 
 
 @dataclass(frozen=True)
-class Sweep:
+class PatchSet:
     """A list of patches of one activation kind; engines return one value per patch, in order."""
 
     kind: str
@@ -56,14 +56,14 @@ def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
     return tuple(range(lo, hi))
 
 
-def layer_wise(n_layers: int, src: list[int], dst: list[int], window: int = 1, kind: str = "resid_pre") -> Sweep:
+def layer_wise(n_layers: int, src: list[int], dst: list[int], window: int = 1, kind: str = "resid_pre") -> PatchSet:
     """One patch per layer, restoring every position of `src` at once: RR(l)."""
-    return Sweep(kind, tuple(Patch(window_layers(lay, window, n_layers), tuple(src), tuple(dst)) for lay in range(n_layers)))
+    return PatchSet(kind, tuple(Patch(window_layers(lay, window, n_layers), tuple(src), tuple(dst)) for lay in range(n_layers)))
 
 
-def token_wise(n_layers: int, src: list[int], dst: list[int], window: int = 1, kind: str = "resid_pre") -> Sweep:
+def token_wise(n_layers: int, src: list[int], dst: list[int], window: int = 1, kind: str = "resid_pre") -> PatchSet:
     """One patch per (layer, position), layer-major: RR(l, i) reshapes to `[n_layers, len(src)]`."""
-    return Sweep(
+    return PatchSet(
         kind,
         tuple(
             Patch(window_layers(lay, window, n_layers), (s,), (d,))

@@ -1,8 +1,10 @@
-"""`run_sweep`: trace many samples of one model into an output directory, resumably.
+"""`run_experiment`: trace every clip of a data set with one model into an output directory, resumably.
+
+The directory ends with `aggregate.json` (per-attribute means and 95% intervals, `aggregate.py`) beside the records.
 
 Each sample ends as one record (`store.RunStore`): `kept` (RR maps), `excluded` (the paper's rule that dropped it),
 or `error` (why it could not be traced: a label outside the options, a missing or unreadable audio file, ...). A
-bad sample never stops the sweep and is never dropped silently. Re-running the same sweep skips every sample that
+bad sample never stops the run and is never dropped silently. Re-running the same experiment skips every sample that
 has a kept or excluded record (for the same label), so a killed run loses at most the sample it was tracing; error
 records are redone (they cost nothing, and the data may have been fixed since).
 
@@ -19,26 +21,28 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from audiolens_ct.choices import LONG_AUDIO, MODES
-from audiolens_ct.data.answers import answer_tokens
+from audiolens_ct.aggregate import write_aggregate
+from audiolens_ct.config import TraceConfig
 from audiolens_ct.data.sample import Sample
-from audiolens_ct.errors import AudioLoadError, DataError, InputError
+from audiolens_ct.errors import SAMPLE_ERRORS, DataError, InputError
 from audiolens_ct.store import RunStore
 from audiolens_ct.tracing.audit import versions
-from audiolens_ct.tracing.trace import check_options, trace
+from audiolens_ct.tracing.clip import trace
+from audiolens_ct.tracing.scoring import answer_tokens
 
-SAMPLE_ERRORS = (AudioLoadError, InputError, DataError)
-"""Problems of one sample's data: recorded in its error record. Anything else is a bug and stops the sweep."""
+if TYPE_CHECKING:
+    from audiolens_ct.model import HookedLALM
+    from audiolens_ct.ports import Port
 
 
 @dataclass
-class SweepSummary:
-    """The outcome of a sweep's samples (`resumed`: traced by an earlier run and skipped)."""
+class ExperimentSummary:
+    """The outcome of an experiment's samples (`resumed`: traced by an earlier run and skipped)."""
 
     out_dir: Path
     total: int
@@ -48,31 +52,10 @@ class SweepSummary:
     resumed: int
 
 
-def sweep_settings(
-    model_name: str,
-    port: str,
-    dataset: Any = None,
-    corruption: str = "silence",
-    modes: Sequence[str] = MODES,
-    engine: str = "fast",
-    kind: str = "resid_pre",
-    window: int = 1,
-    seed: int = 0,
-    noise_scale: float = 3.0,
-    noise_copies: int = 10,
-    transcript_policy: str = "clean",
-    long_audio: str = "truncate",
-) -> dict[str, Any]:
-    """The settings a run is identified by (checked on resume); unknown values raise `InputError` here."""
-    check_options(corruption, modes, engine, kind, window, transcript_policy, noise_scale, noise_copies)
-    if long_audio not in LONG_AUDIO:
-        raise InputError(f"unknown long-audio policy {long_audio!r}; use one of {', '.join(LONG_AUDIO)}")
-    noisy = corruption == "noise"
-    return dict(
-        model=model_name, port=port, dataset=dataset, corruption=corruption, engine=engine, kind=kind, window=window,
-        modes=[m for m in MODES if m in modes], seed=seed, noise_scale=noise_scale if noisy else None,
-        noise_copies=noise_copies if noisy else None, transcript_policy=transcript_policy, long_audio=long_audio,
-    )  # fmt: skip
+def run_settings(model_name: str, port: Port, dataset: Any, config: TraceConfig) -> dict[str, Any]:
+    """The settings a run is identified by (recorded in its manifest, checked on resume): the model, the data
+    source, and the options that change the numbers (`TraceConfig.settings`)."""
+    return dict(model=model_name, port=port.name, dataset=dataset, **config.settings(port.reads_transcript))
 
 
 def prompts_of(samples: Sequence[Sample]) -> dict[str, list[dict[str, Any]]]:
@@ -86,55 +69,42 @@ def prompts_of(samples: Sequence[Sample]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def run_sweep(
-    model: Any,
+def run_experiment(
+    model: HookedLALM,
     samples: Sequence[Sample],
     out_dir: str | Path,
+    config: TraceConfig | None = None,
     *,
-    corruption: str = "silence",
-    modes: Sequence[str] = MODES,
-    engine: str = "fast",
-    kind: str = "resid_pre",
-    window: int = 1,
-    seed: int = 0,
-    noise_scale: float = 3.0,
-    noise_copies: int = 10,
-    transcript_policy: str = "clean",
-    long_audio: str = "truncate",
-    max_batch: int = 64,
-    audit: bool = True,
     dataset: Any = None,
     command: str | None = None,
     progress: bool = True,
     accept_versions: bool = False,
-) -> SweepSummary:
-    """Trace every sample with `model` (a `HookedLALM`) into `out_dir`, skipping samples already traced there.
+    **overrides: Any,
+) -> ExperimentSummary:
+    """Trace every sample with `model` into `out_dir`, skipping samples already traced there.
 
     Args:
         samples: from `load_sakura`, `load_sakura_hf` or `load_manifest`; ids must be unique per attribute.
-        corruption, modes, engine, kind, window, seed, noise_scale, noise_copies, transcript_policy, max_batch,
-            audit: as in `audiolens_ct.trace` (each record keeps its audit; an `ExactnessError` stops the sweep,
-            with every finished record kept).
+        config: the tracing options (`TraceConfig`; `overrides` replace fields of it). Each record keeps its
+            audit; an `ExactnessError` stops the run, with every finished record kept. `config.long_audio`: a clip
+            longer than the model's audio window (`Port.audio_window`) is traced as the model hears it, its first
+            seconds ("truncate", one warning per run), recorded as an error ("skip"), or the whole run is refused
+            before anything is written ("error"). Every record keeps the clip's `audio_source` (seconds, sample
+            rate, channels) and `heard_seconds`.
         dataset: a JSON-ready description of the data source, kept in the manifest (and checked on resume).
         command: the command line, kept in the manifest.
         progress: show a tqdm bar (postfix: done, kept, excluded, errors). Each error is printed to stderr anyway.
-        long_audio: a clip longer than the model's audio window (`Port.audio_window`) is traced as the model
-            hears it, its first seconds ("truncate", with one warning per run), recorded as an error ("skip"), or
-            the whole run is refused before anything is written ("error"). Every record keeps the clip's
-            `audio` source (seconds, sample rate, channels) and `heard_seconds`.
         accept_versions: resume a directory traced with other versions of audiolens-ct, torch, transformers or
             transformer-lens (refused otherwise).
 
-    Raises `store.RunMismatchError` when `out_dir` holds a run with other settings or (see `accept_versions`)
-    other library versions, and `store.RunLockedError` when another process is writing to it.
+    Raises `RunMismatchError` when `out_dir` holds a run with other settings or (see `accept_versions`) other
+    library versions, and `RunLockedError` when another process is writing to it.
     """
-    settings = sweep_settings(
-        model.model_name, model.port.name, dataset, corruption, modes, engine, kind, window, seed, noise_scale,
-        noise_copies, transcript_policy, long_audio,
-    )
+    config = TraceConfig.make(config, **overrides)
+    settings = run_settings(model.model_name, model.port, dataset, config)
     settings["dtype"] = str(next(model.hf_model.parameters()).dtype).removeprefix("torch.")
     _check_unique(samples)
-    too_long = longer_than_window(samples, model.port, long_audio)
+    too_long = longer_than_window(samples, model.port, config.long_audio)
     prompts = prompts_of(samples)
     for variants in prompts.values():
         for variant in variants:
@@ -152,28 +122,26 @@ def run_sweep(
             else:
                 counts[record["status"]] += 1
         resumed = len(samples) - len(pending)
-        trace_kwargs = dict(corruption=corruption, modes=settings["modes"], engine=engine, kind=kind, window=window,
-                            seed=seed, noise_scale=noise_scale, noise_copies=noise_copies, transcript_policy=transcript_policy,
-                            max_batch=max_batch, audit=audit)  # fmt: skip
         bar = tqdm(total=len(samples), initial=resumed, desc=f"tracing {Path(model.model_name).name}", unit="sample",
                    disable=not progress, dynamic_ncols=True)  # fmt: skip
         with bar:
             bar.set_postfix(_postfix(counts, resumed))
-            if too_long and long_audio == "truncate":
+            if too_long and config.long_audio == "truncate":
                 tqdm.write(
                     f"warning: {len(too_long)} clip(s) are longer than {model.port.name}'s "
                     f"{model.port.audio_window:g}-s audio window; the model hears only their first seconds, and so "
                     "does the trace (records: heard_seconds; --long-audio skip|error to change this)", file=sys.stderr,
                 )  # fmt: skip
             for sample in pending:
-                record = _trace_sample(model, sample, samples, trace_kwargs, long_audio)
+                record = _trace_sample(model, sample, samples, config)
                 store.write_record(record)
                 counts[record["status"]] += 1
                 if record["status"] == "error":
                     tqdm.write(f"error: {_where(sample, record['error'])}{record['error']}", file=sys.stderr)
                 bar.set_postfix(_postfix(counts, bar.n + 1), refresh=False)
                 bar.update(1)
-    return SweepSummary(Path(out_dir), len(samples), counts["kept"], counts["excluded"], counts["error"], resumed)
+        write_aggregate(out_dir)
+    return ExperimentSummary(Path(out_dir), len(samples), counts["kept"], counts["excluded"], counts["error"], resumed)
 
 
 def _where(sample: Sample, error: str) -> str:
@@ -193,7 +161,7 @@ def _check_unique(samples: Sequence[Sample]) -> None:
         seen.add((s.attribute, s.id))
 
 
-def longer_than_window(samples: Sequence[Sample], port: Any, long_audio: str) -> list[Sample]:
+def longer_than_window(samples: Sequence[Sample], port: Port, long_audio: str) -> list[Sample]:
     """The traceable samples whose clip is longer than the port's audio window (read from the files' headers);
     with `long_audio="error"`, any such clip is refused here (`DataError`)."""
     if port.audio_window is None:
@@ -213,9 +181,7 @@ def _beyond(source: dict[str, Any] | None, window: float | None) -> bool:
     return source is not None and window is not None and source["seconds"] > window + 1e-9
 
 
-def _trace_sample(
-    model: Any, sample: Sample, samples: Sequence[Sample], trace_kwargs: dict[str, Any], long_audio: str
-) -> dict[str, Any]:
+def _trace_sample(model: HookedLALM, sample: Sample, samples: Sequence[Sample], config: TraceConfig) -> dict[str, Any]:
     """One sample's record; a data problem becomes an `error` record with its message."""
     source = sample.source() if sample.ok else None
     window = model.port.audio_window
@@ -227,7 +193,7 @@ def _trace_sample(
     )  # fmt: skip
     if sample.error is not None:
         return record
-    if long_audio == "skip" and _beyond(source, window):
+    if config.long_audio == "skip" and _beyond(source, window):
         record["error"] = (f"the clip is {source['seconds']:.1f} s, longer than {model.port.name}'s {window:g}-s "
                            "audio window; skipped (--long-audio skip)")  # fmt: skip
         return record
@@ -236,13 +202,12 @@ def _trace_sample(
     try:
         wave = sample.load(rate)
         swap_audio = None
-        if trace_kwargs["corruption"] == "swap":
-            partner = swap_partner(sample, samples, trace_kwargs["seed"])
+        if config.corruption == "swap":
+            partner = swap_partner(sample, samples, config.seed)
             record["swap_with"] = partner.id
             swap_audio = _fit_length(partner.load(rate), len(wave))
         result = trace(
-            model, wave, sample.prompt, sample.response_prefix, target=sample.label, options=sample.options,
-            sampling_rate=rate, swap_audio=swap_audio, object_text=sample.object_text, **trace_kwargs,
+            model, wave, sample.prompt, sample.response_prefix, sample.label, sample.options, config, sampling_rate=rate, swap_audio=swap_audio, object_text=sample.object_text,
         )  # fmt: skip
     except SAMPLE_ERRORS as exc:
         record["error"] = str(exc)

@@ -1,21 +1,4 @@
-"""The packaged demonstration: the whole product, end to end, on a small model that really listens.
-
-`run_demo(out)` needs no GPU and no model hub. It loads the demo model shipped in `audiolens_ct/assets/demo_model/`
-(a small `Qwen2AudioForConditionalGeneration` trained by `scripts/train_demo_model.py` to answer the four AudioLens
-questions from synthetic clips) by the same code path as a hub checkpoint, writes a fresh held-out synthetic SAKURA
-under `out/data` (clips the model never saw in training), traces every clip layer- and token-wise with silence as
-the corruption, and writes what a researcher gets on a real model:
-
-```
-out/data/<Track>/...                 the clips, in SAKURA's GitHub layout
-out/records/<attribute>/<id>.json    one record per clip: kept (RR maps), excluded (with the rule) or error
-out/manifest.json, out/aggregate.json
-out/figures/*.html                   layer-wise RR, segment RR and token-wise heatmaps (interactive, offline)
-out/report.html                      the self-contained report
-```
-
-Re-running into the same `out` resumes: finished clips are skipped.
-"""
+"""Running the demo: the demo model traced over a fresh held-out synthetic SAKURA, then figures and a report."""
 
 from __future__ import annotations
 
@@ -24,16 +7,16 @@ from pathlib import Path
 
 import torch
 
+from audiolens_ct.aggregate import load_runs
 from audiolens_ct.data.sakura import load_sakura
-from audiolens_ct.data.synthetic import write_synthetic_sakura
+from audiolens_ct.demo import DEMO_MODEL, DEMO_SEED
+from audiolens_ct.demo.synthetic import write_synthetic_sakura
 from audiolens_ct.errors import CheckpointError
+from audiolens_ct.experiment import run_experiment
 from audiolens_ct.model import HookedLALM
-from audiolens_ct.plots import load_runs, write_figures
+from audiolens_ct.plots import write_figures
 from audiolens_ct.report import write_report
-from audiolens_ct.sweep import run_sweep
 
-DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model"
-DEMO_SEED = 7  # clip seed of the demo set; training used seeds 0 (train) and 1 (held-out)
 CLIPS_PER_LABEL = {"animal": 4, "emotion": 6, "gender": 16, "language": 4}
 """30-36 clips per attribute: after the exclusions (silence answers one fixed option per track, so that option's
 clips are excluded) each attribute keeps about 15-30 samples, enough for confidence intervals."""
@@ -67,7 +50,7 @@ def run_demo(out: str | Path, clips_per_label: dict[str, int] = CLIPS_PER_LABEL,
         data = write_demo_data(out / "data", clips_per_label)
         samples = load_sakura(data)
         dataset = dict(source="synthetic", path=str(data.resolve()), seed=DEMO_SEED, clips_per_label=clips_per_label)
-        summary = run_sweep(
+        summary = run_experiment(
             model, samples, out, modes=("layer", "token"), dataset=dataset, command=f"audiolens-ct demo --out {out}",
             progress=progress,
         )
