@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PIP) pip
 	@echo "[3/4] torch 2.13.0 (kept if already installed; see README: Installing torch)"
 	@$(PIP) torch==2.13.0
-	@echo "[4/4] audiolens-ct and its dependencies, exactly as in constraints.txt (a few minutes the first time)"
-	@$(PIP) -e ".[dev]"
+	@echo "[4/4] audiolens-ct and its dependencies (Ray too, for its tests), exactly as in constraints.txt (a few minutes the first time)"
+	@$(PIP) -e ".[dev,ray]"
 	@touch $(STAMP)
 	@echo "environment ready: $(VENV)"
 

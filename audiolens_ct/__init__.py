@@ -3,8 +3,10 @@
 The stable surface is the names below, plus documented submodules: `audiolens_ct.tracing` (patch sets, engines,
 scoring: for new analyses), `audiolens_ct.ports` (for writing a port), `audiolens_ct.plots` (figures),
 `audiolens_ct.testing` (tiny models, the port conformance kit), `audiolens_ct.demo` (the demo model and its
-synthetic clips), `audiolens_ct.errors` (every error, under `AudiolensError`) and `audiolens_ct.cli.main` (the
-command line in-process). Anything else may move between releases.
+synthetic clips), `audiolens_ct.executors` (where a data-set run traces: `RayExecutor`, `ModelSpec`),
+`audiolens_ct.lens` (the logit lens), `audiolens_ct.steering` (audio–silence steering; `HookedLALM.generate` runs
+its hooks), `audiolens_ct.errors` (every error, under `AudiolensError`) and `audiolens_ct.cli.main` (the command
+line in-process). Anything else may move between releases.
 
     model = HookedLALM.from_pretrained("Qwen/Qwen2-Audio-7B-Instruct")
     gender = get_track("gender")

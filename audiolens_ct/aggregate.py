@@ -19,7 +19,21 @@ Per attribute, `aggregate.json` holds:
   |fast − reference| it found (`max_abs_diff`, in probability);
 - `token_rr`: RR(l, i) per layer and position counted from the end of the sequence (`from_end`: ..., −1, 0; 0 is
   the last token), so samples whose prompts differ in length (e.g. a transcript) line up at the answer; `tokens`
-  and `segments` name the columns (taken from the kept sample with the most columns).
+  and `segments` name the columns (taken from the kept sample with the most columns);
+- beyond the paper, when traced (`TraceConfig.spans`, `time_window`, `heads`): `span_rr`, RR(l) per span
+  (`{span: stat}`); `time_rr`, RR(l, t) per layer and time window, windows aligned from the clip's start
+  (`start`, `end` in seconds, from the sample with the most windows), with `envelope`, the clips' mean loudness
+  (`rate` frames a second); `head_rr`, RR(l, head) per span (`{span: stat [n_layers, n_heads]}`).
+- `attention` (`TraceConfig.attention`), over every traced clip, kept or excluded (n in `n`): the attention mass
+  onto the audio rows per (layer, head), `{"last"|"object": {"clean"|"corrupted": stat [n_layers, n_heads]}}`, and
+  `head_ranking`: per (layer, head) Pearson's r of the clean mass from the last position with answering right
+  (`r`, `p`; null where undefined), the clips (`n`) and right answers (`correct`), and the `top` heads;
+- `atp` (`TraceConfig.atp`), per grid (`token`, `time`, `head:<span>`), over kept samples: the mean number of
+  `cells` and of `verified` ones, the mean `seconds` of the estimate and the verification; where the run also
+  computed the exact grid: `rank_correlation` and `rank_correlation_atp` (stats), `worst_missed_rr` (stat of its
+  magnitude, and `worst_missed_max`, the largest, signed), `max_error_rr` (stat), `error_by_layer` (stat
+  `[n_layers]` of the mean |estimated RR − exact RR|), `verified_max_abs_diff` (the largest), `speedup` (stat)
+  and the exact grid's mean `seconds`.
 
 Each statistic is `{"mean", "low", "high", "n"}`, arrays shaped like the quantity (`n` counts the samples behind
 each cell).
@@ -99,7 +113,13 @@ def _attribute(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "layer_rr": None,
         "segment_rr": {},
         "token_rr": None,
+        "span_rr": {},
+        "time_rr": None,
+        "envelope": None,
+        "head_rr": {},
         "audit": _audit([r["result"] for r in rows if r["status"] != "error"]),
+        "attention": _attention_to_audio([r["result"] for r in rows if r["status"] != "error"]),
+        "atp": _atp_triage(kept),
     }
     if not kept:
         return out
@@ -113,6 +133,92 @@ def _attribute(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     token = [k for k in kept if k.get("token_rr") is not None]
     if token:
         out["token_rr"] = _token_from_end(token)
+    out.update(_beyond_the_paper(kept))
+    return out
+
+
+def _beyond_the_paper(kept: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """RR per span, per time window (with the clips' loudness) and per head, over the kept samples that have them."""
+    out: dict[str, Any] = {"span_rr": {}, "head_rr": {}}
+    for key in ("span_rr", "head_rr"):
+        for spec in dict.fromkeys(spec for k in kept for spec in k.get(key) or {}):
+            out[key][spec] = summarise([k[key][spec] for k in kept if spec in (k.get(key) or {})])
+    timed = [k for k in kept if k.get("time_rr") is not None]
+    if timed:
+        widest = max(timed, key=lambda k: len(k["time_windows"]))
+        rows = max(len(k["audio_envelope"]["rms"]) for k in timed)
+        out["time_rr"] = {"start": [w[0] for w in widest["time_windows"]], "end": [w[1] for w in widest["time_windows"]],
+                          **summarise(_padded([k["time_rr"] for k in timed], len(widest["time_windows"])))}  # fmt: skip
+        out["envelope"] = {"rate": widest["audio_envelope"]["rate"],
+                           **summarise(_padded([[k["audio_envelope"]["rms"]] for k in timed], rows)[:, 0])}  # fmt: skip
+    return out
+
+
+def _attention_to_audio(traced: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean attention masses onto the audio (clean and corrupted, from each query group) over every traced clip,
+    and the heads ranked by how their clean mass from the last position goes with answering right."""
+    from audiolens_ct.tracing.attention import head_ranking  # imports torch: only for runs that have masses
+
+    clips = [t for t in traced if t.get("attention")]
+    if not clips:
+        return None
+    out: dict[str, Any] = {"n": len(clips)}
+    for group in dict.fromkeys(g for t in clips for g in t["attention"]):
+        having = [t["attention"][group] for t in clips if group in t["attention"]]
+        out[group] = {run: summarise([masses[run] for masses in having]) for run in ("clean", "corrupted")}
+    ranked = [t for t in clips if "last" in t["attention"]]
+    ranking = head_ranking([t["attention"]["last"]["clean"] for t in ranked],
+                           [t["clean_prediction"] == t["target"] for t in ranked])  # fmt: skip
+    out["head_ranking"] = {"r": _json(ranking.r), "p": _json(ranking.p), "n": ranking.n, "correct": ranking.correct,
+                           "top": ranking.top(10)}  # fmt: skip
+    return out
+
+
+def _atp_triage(kept: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per AtP* grid: how many cells were estimated and verified, and, where the exact grid was computed as well,
+    how the triage did against it (`triage.compare`), over the kept samples."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(key for k in kept for key in k.get("atp") or {}):
+        runs = [k["atp"][key] for k in kept if key in (k.get("atp") or {})]
+        grid: dict[str, Any] = {
+            "n": len(runs), "cells": float(np.mean([len(r["p_atp_star"]) for r in runs])),
+            "verified": float(np.mean([len(r["verified"]) for r in runs])),
+            "seconds": {part: float(np.mean([r["seconds"][part] for r in runs])) for part in ("estimate", "verify")},
+        }  # fmt: skip
+        compared = [r["comparison"] for r in runs if r.get("comparison")]
+        if compared:
+            grid.update(_compared(compared))
+        out[key] = grid
+    return out
+
+
+def _compared(compared: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The AtP* comparisons with the exact grid, summarised (NaN where a sample's value is None)."""
+
+    def values(key: str, transform: Any = float) -> list[float]:
+        return [np.nan if c[key] is None else transform(c[key]) for c in compared]
+
+    missed = [c["worst_missed_rr"] for c in compared if c["worst_missed_rr"] is not None]
+    layered = [c["error_by_layer"] for c in compared if c.get("error_by_layer") is not None]
+    return {
+        "rank_correlation": summarise(values("rank_correlation")),
+        "rank_correlation_atp": summarise(values("rank_correlation_atp")),
+        "worst_missed_rr": summarise(values("worst_missed_rr", abs)),
+        "worst_missed_max": max(missed, key=abs) if missed else None,
+        "max_error_rr": summarise(values("max_error_rr")),
+        "error_by_layer": summarise(layered) if layered else None,
+        "verified_max_abs_diff": max(c["verified_max_abs_diff"] for c in compared),
+        "speedup": summarise([c["seconds"]["speedup"] for c in compared]),
+        "exact_seconds": float(np.mean([c["seconds"]["exact"] for c in compared])),
+    }
+
+
+def _padded(grids: Sequence[Any], width: int) -> np.ndarray:
+    """`[samples, rows, width]`: each grid's columns from the left, NaN where a shorter sample has none."""
+    out = np.full((len(grids), len(grids[0]), width), np.nan)
+    for s, grid in enumerate(grids):
+        grid = np.asarray(grid, dtype=np.float64)
+        out[s, :, : grid.shape[1]] = grid
     return out
 
 

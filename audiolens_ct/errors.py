@@ -48,6 +48,10 @@ class ExactnessError(AudiolensError, RuntimeError):
     """The fast engine disagrees with full TransformerLens forwards on an audited cell."""
 
 
+class ExecutorError(AudiolensError, RuntimeError):
+    """A run's workers cannot be had: Ray missing, a cluster too small, workers unlike the driver, all dead."""
+
+
 class UnsupportedHookError(AudiolensError, RuntimeError):
     """A hook is set where the fast engine's layers do not call hook points."""
 

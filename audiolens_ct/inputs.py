@@ -38,7 +38,8 @@ class LALMInput:
             None when no options were given.
         port: the name of the port that prepared it.
         prepare_kwargs: the arguments of `HookedLALM.prepare` (audio excluded), to prepare a twin.
-        extras: port-specific data that is not a tensor batch (e.g. a DeSTA transcript).
+        extras: port-specific data beside the tensors (e.g. a DeSTA transcript); in a batch made by `stack`, each
+            value is a list with one entry per row.
         audio_embeds_override: audio rows to use instead of the audio tower's (e.g. noise-corrupted ones),
             `[batch, n_audio, d_model]`.
     """

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge.sources import build_bridge_from_module
@@ -358,6 +358,39 @@ class HookedLALM(nn.Module):
         """The original model's own forward on `inp` (the conformance oracle)."""
         with torch.no_grad():
             return self.port.hf_logits(self.hf_model, inp)
+
+    def generate(
+        self,
+        inp: LALMInput,
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        fwd_hooks: HookList = (),
+    ) -> Int[torch.Tensor, "batch new"]:
+        """Continue `inp` (its audio spliced in) by up to `max_new_tokens` tokens; returns only the new tokens.
+
+        Greedy by default, equal token for token to the original model's own `generate`; `do_sample` draws from
+        the softmax after `temperature`, `top_k` and `top_p` (`seed`: repeatable draws). A row ends at an
+        end-of-sequence token (`eos_token_id`, default the model's generation config) and is padded after it;
+        `stop_at_eos=False` always generates `max_new_tokens`. A key/value cache is used, and `fwd_hooks` (as in
+        `run_with_hooks`; also hooks set with `model.hooks(...)`) fire at every step: on the prompt's positions
+        first, then on each new position. Hooks on the residual stream, attention/MLP outputs, embedding, final
+        norm and unembedding are supported (`audiolens_ct.generation` says why and how).
+
+            new = model.generate(inp, max_new_tokens=20)
+            model.tokenizer.decode(new[0])
+        """
+        from audiolens_ct.generation import chooser, generate_tokens, stop_tokens
+
+        stop, pad = stop_tokens(self, eos_token_id) if stop_at_eos else (set(), None)
+        choose = chooser(do_sample, temperature, top_k, top_p, seed)
+        return generate_tokens(self, inp, max_new_tokens, choose, stop, pad, fwd_hooks)
 
     @property
     def n_layers(self) -> int:

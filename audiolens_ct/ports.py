@@ -190,6 +190,12 @@ class Port:
         """The original model's own forward pass on `inputs` (an `LALMInput`): the conformance oracle."""
         raise NotImplementedError
 
+    def audio_row_seconds(self, hf_model: nn.Module, processor: Any, n_rows: int) -> Float[np.ndarray, " n_rows"] | None:
+        """When each of a clip's `n_rows` audio rows starts, in seconds from the clip's start (NaN for a row that
+        stands for no moment, e.g. a boundary embedding), for time-wise tracing. Default None: the rows are not
+        frames in time (e.g. Q-Former queries), and time windows are refused."""
+        return None
+
     # -- the corrupted twin ------------------------------------------------------------------------------------------
     def twin_kwargs(self, extras: dict[str, Any], transcript_policy: str) -> dict[str, Any]:
         """Extra `HookedLALM.prepare` arguments for the corrupted twin of a batch-1 input whose port extras are
@@ -227,6 +233,9 @@ _BUILTIN = {
     "qwen-audio": "model_ports.qwen_audio:QwenAudioPort",
     "desta2": "model_ports.desta2:Desta2Port",
     "desta2.5": "model_ports.desta25:Desta25Port",
+    "qwen2.5-omni": "model_ports.qwen2_5_omni:Qwen25OmniPort",
+    "audioflamingo3": "model_ports.audioflamingo3:AudioFlamingo3Port",
+    "granite-speech": "model_ports.granite_speech:GraniteSpeechPort",
 }
 _registry: dict[str, Port] = {}
 

@@ -218,16 +218,16 @@ class RunStore:
 
     def open(
         self, settings: dict[str, Any], prompts: dict[str, Any], versions: dict[str, str], command: str | None,
-        accept_versions: bool = False,
+        accept_versions: bool = False, executor: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Start or resume the run: check the settings and versions, then record this invocation (with its
-        versions) in the manifest. The manifest's top-level `versions` stay those of the run that started it."""
+        versions, and the `executor` that traces it: its name and workers) in the manifest. The manifest's
+        top-level `versions` stay those of the run that started it."""
         self.check(settings, prompts, versions, accept_versions)
         self.remove_stale_temporaries()
         manifest = self.manifest() or {"format": 1, "settings": settings, "prompts": {}, "versions": versions, "invocations": []}
         manifest["prompts"] = {**prompts, **manifest["prompts"]}
-        manifest["invocations"].append(
-            {"command": command, "started": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions}
-        )
+        invocation = {"command": command, "started": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions}
+        manifest["invocations"].append(invocation if executor is None else {**invocation, "executor": executor})
         atomic_write_json(self.manifest_path, manifest)
         return manifest

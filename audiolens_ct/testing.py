@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import nn
+from transformers import GenerationMixin
 
 from audiolens_ct.data.prompts import TRACKS
 from audiolens_ct.inputs import LALMInput
@@ -44,6 +45,7 @@ __all__ = [
     "check_port",
     "check_tl_patching",
     "decoder_layers",
+    "hf_greedy",
     "hf_patch_loop",
     "tiny_bpe_tokenizer",
     "tiny_model",
@@ -172,6 +174,65 @@ def hf_patch_loop(
                 out[i, j] = metric(port.hf_logits(reference, corrupted))
             handle.remove()
     return out
+
+
+class _Recorded(Exception):
+    """Raised by `_ForwardRecorder` once it has the arguments of the call."""
+
+
+class _ForwardRecorder:
+    """Stands in for a model and records the arguments it is called with (then stops the caller)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.args: tuple = ()
+        self.kwargs: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.args, self.kwargs = args, kwargs
+        raise _Recorded
+
+
+def hf_greedy(
+    port_name: str, reference: nn.Module, inp: LALMInput, max_new_tokens: int, eos_token_id: int | None = None
+) -> Int[torch.Tensor, "batch new"]:
+    """The untouched original model's greedy continuation of `inp`, the oracle of `HookedLALM.generate`.
+
+    A model with transformers' `generate` (a native audio class) runs it, with its own key/value cache, on the
+    arguments the port's forward oracle (`Port.hf_logits`) passes to the model. Any other model (a port's
+    re-implementation) is continued by a greedy loop over `Port.hf_logits` that recomputes the whole sequence each
+    step, without a cache. Rows end at `eos_token_id` (None: never) and are padded with it afterwards.
+    """
+    port = get_port(port_name)
+    if isinstance(reference, GenerationMixin):
+        recorder = _ForwardRecorder(reference)
+        try:
+            port.hf_logits(recorder, inp)
+        except _Recorded:
+            pass
+        with torch.no_grad():
+            out = reference.generate(*recorder.args, **recorder.kwargs, max_new_tokens=max_new_tokens,
+                                     min_new_tokens=0, do_sample=False, eos_token_id=eos_token_id,
+                                     pad_token_id=eos_token_id)  # fmt: skip
+        return out[:, inp.tokens.shape[1] :]
+    new: list[torch.Tensor] = []
+    done = torch.zeros(len(inp), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            token = port.hf_logits(reference, inp)[:, -1].argmax(-1)
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            done |= token == eos_token_id
+        new.append(token)
+        grown = torch.cat([inp.tokens, token[:, None].to(inp.tokens.dtype)], dim=1)
+        inp = replace(inp, tokens=grown, audio_mask=torch.cat([inp.audio_mask, torch.zeros_like(token[:, None], dtype=torch.bool)], dim=1),
+                      _audio_embeds_cache={})  # fmt: skip
+        if bool(done.all()):
+            break
+    return torch.stack(new, dim=1)
 
 
 def check_tl_patching(

@@ -67,13 +67,27 @@ def tiny_bpe_tokenizer(
     return tokenizer
 
 
+TINY_WHISPER_ENCODER = dict(
+    d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128,
+    max_source_positions=1500,
+)
+"""A 2-layer Whisper-style audio encoder config (128 mels, 1500 positions) for tiny native models."""
+TINY_QWEN2 = dict(
+    model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096,
+)
+"""A 3-layer Qwen2 text config (d 64, 4 query heads sharing 2 key/value heads) for tiny native models."""
+
+
 def tiny_native(
     port: Any, tokenizer: Any, audio_config: dict[str, Any], text_config: dict[str, Any],
-    overrides: dict[str, Any], **config_kwargs: Any,
+    overrides: dict[str, Any], feature_extractor: Any = None, processor_kwargs: dict[str, Any] | None = None,
+    **config_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """`port.model_class` with random weights and `port.processor_class` around `tokenizer` and a Whisper feature
-    extractor, for ports of a native transformers family. `overrides` may hold `audio_config` / `text_config`
-    dicts (merged into the defaults) and top-level config values."""
+    """`port.model_class` with random weights and `port.processor_class` around `tokenizer` and a feature extractor
+    (default: Whisper's, with the model's mel bins), for ports of a native transformers family. `overrides` may hold
+    `audio_config` / `text_config` dicts (merged into the defaults) and top-level config values; `processor_kwargs`
+    go to the processor (e.g. its `chat_template`)."""
     from transformers import WhisperFeatureExtractor
 
     overrides = dict(overrides)
@@ -81,7 +95,7 @@ def tiny_native(
     text = {"vocab_size": len(tokenizer), **text_config, **overrides.pop("text_config", {})}
     config = port.model_class.config_class(audio_config=audio, text_config=text, **config_kwargs, **overrides)
     model = port.model_class(config).eval()
-    processor = port.processor_class(
-        feature_extractor=WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins), tokenizer=tokenizer
-    )
+    if feature_extractor is None:
+        feature_extractor = WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins)
+    processor = port.processor_class(feature_extractor=feature_extractor, tokenizer=tokenizer, **(processor_kwargs or {}))
     return model, processor

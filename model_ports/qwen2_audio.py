@@ -25,8 +25,9 @@ from transformers import (
 )
 from transformers.masking_utils import create_bidirectional_mask
 
-from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, TinyVariant, meta_shell
-from model_ports._tiny import tiny_bpe_tokenizer, tiny_native
+from audiolens_ct.ports import AudioHooks, TinyVariant
+from model_ports._native import NativePort, equal_rows, pooled_whisper_row_seconds
+from model_ports._tiny import TINY_QWEN2, TINY_WHISPER_ENCODER, tiny_bpe_tokenizer, tiny_native
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 CHAT_TEXT = ("You are a helpful assistant.", "system user assistant", "Audio 1:")
@@ -34,7 +35,7 @@ CHAT_TEXT = ("You are a helpful assistant.", "system user assistant", "Audio 1:"
 CLIPS = (0.6, 3.0, 11.0)  # the conformance clips: from a fraction of a second to a third of the 30-s window
 
 
-class Qwen2AudioPort(Port):
+class Qwen2AudioPort(NativePort):
     name = "qwen2-audio"
     hf_ids = ("Qwen/Qwen2-Audio-7B-Instruct", "Qwen/Qwen2-Audio-7B")
     sampling_rate = 16000
@@ -42,6 +43,8 @@ class Qwen2AudioPort(Port):
     audio_window = 30.0  # the Whisper-style feature extractor pads or cuts every clip to 30 s
     model_class = Qwen2AudioForConditionalGeneration
     processor_class = Qwen2AudioProcessor
+    causal_lm_class = Qwen2ForCausalLM
+    feature_keys = ("input_features", "feature_attention_mask")
     tiny_variants = (
         TinyVariant("gqa", clip_seconds=CLIPS),  # 4 query heads share 2 key/value heads
         TinyVariant("mha_decoupled_head_dim", {"text_config": {"num_key_value_heads": 4, "head_dim": 24}},
@@ -54,40 +57,9 @@ class Qwen2AudioPort(Port):
     def tiny(self, **overrides: Any) -> tuple[nn.Module, Any]:
         """Random weights: a 2-layer Whisper-style encoder (128 mels), a 3-layer Qwen2 (GQA 4:2, d 64)."""
         tokenizer = tiny_bpe_tokenizer(SPECIAL_TOKENS, CHAT_TEXT, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-        audio_cfg = dict(
-            d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128,
-            max_source_positions=1500,
-        )
-        text_cfg = dict(
-            model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
-        )
         audio_token = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
-        return tiny_native(self, tokenizer, audio_cfg, text_cfg, overrides, audio_token_index=audio_token)
-
-    def backbone(self, hf_model: nn.Module) -> Backbone:
-        text_config = hf_model.config.text_config
-        shell = meta_shell(Qwen2ForCausalLM, text_config, hf_model.model.language_model, hf_model.lm_head)
-        return Backbone(shell, "Qwen2ForCausalLM", text_config)
-
-    def encode_prompt(
-        self, hf_model: nn.Module, processor: Any, audio: Float[np.ndarray, " samples"], prompt: str,
-        response_prefix: str, **kwargs: Any,
-    ) -> PortInputs:
-        if kwargs:
-            raise TypeError(f"qwen2-audio takes no extra prepare arguments, got {sorted(kwargs)}")
-        messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip"}, {"type": "text", "text": prompt}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + response_prefix
-        batch = processor(text=[text], audio=[audio], sampling_rate=self.sampling_rate, return_tensors="pt")
-        tokens = batch["input_ids"]
-        return PortInputs(
-            tokens=tokens,
-            audio_features={
-                "input_features": batch["input_features"],
-                "feature_attention_mask": batch["feature_attention_mask"],
-            },
-            audio_mask=tokens == hf_model.config.audio_token_id,
-        )
+        text_cfg = {**TINY_QWEN2, "rope_theta": 10000.0}
+        return tiny_native(self, tokenizer, TINY_WHISPER_ENCODER, text_cfg, overrides, audio_token_index=audio_token)
 
     def audio_embeddings(
         self, hf_model: nn.Module, features: dict[str, torch.Tensor], extras: dict[str, Any], hooks: AudioHooks
@@ -105,10 +77,8 @@ class Qwen2AudioPort(Port):
         )
         encoded = hooks.hook_encoder_out(tower(feats, attention_mask=mask).last_hidden_state)
         projected = hf_model.model.multi_modal_projector(encoded)
-        n_rows = int(out_lengths[0])
-        if not bool((out_lengths == n_rows).all()):
-            raise ValueError(f"qwen2-audio: clips in one batch must give equal audio rows, got {out_lengths.tolist()}")
-        return hooks.hook_embeds(projected[:, :n_rows])
+        return hooks.hook_embeds(projected[:, : equal_rows(out_lengths, self.name)])
 
-    def hf_logits(self, hf_model: nn.Module, inputs: Any) -> Float[torch.Tensor, "batch pos vocab"]:
-        return hf_model(input_ids=inputs.tokens, **inputs.audio_features).logits
+    def audio_row_seconds(self, hf_model: nn.Module, processor: Any, n_rows: int) -> Float[np.ndarray, " n_rows"]:
+        """Row k starts at mel frame 4k: the encoder's stride-2 convolution and AvgPool(2, 2) (25 rows a second)."""
+        return pooled_whisper_row_seconds(processor.feature_extractor, n_rows)

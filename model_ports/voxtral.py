@@ -43,7 +43,8 @@ from transformers.utils import is_mistral_common_available
 
 from audiolens_ct.errors import CheckpointError
 from audiolens_ct.hub import optional_checkpoint_file
-from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, TinyVariant, meta_shell
+from audiolens_ct.ports import AudioHooks, TinyVariant
+from model_ports._native import NativePort
 from model_ports._tiny import tiny_bpe_tokenizer, tiny_native
 
 SAMPLING_RATE = 16000
@@ -58,13 +59,14 @@ TINY_SPECIAL_TOKENS = (
 CLIPS = (0.5, 5.0, 12.0, 35.0)  # half a second to two 30-s chunks
 
 
-class VoxtralPort(Port):
+class VoxtralPort(NativePort):
     name = "voxtral"
     hf_ids = ("mistralai/Voxtral-Mini-3B-2507", "mistralai/Voxtral-Small-24B-2507")
     sampling_rate = SAMPLING_RATE
     architectures = ("VoxtralForConditionalGeneration", "voxtral")
     model_class = VoxtralForConditionalGeneration
     processor_class = VoxtralProcessor
+    causal_lm_class = LlamaForCausalLM
     tiny_variants = (
         TinyVariant("gqa", clip_seconds=CLIPS),  # 4 query heads share 2 key/value heads, head_dim 16 = 64 / 4
         TinyVariant("decoupled_head_dim", {"text_config": {"head_dim": 32}}, clip_seconds=CLIPS),  # 4 x 32 != 64
@@ -98,28 +100,18 @@ class VoxtralPort(Port):
         audio_token = tokenizer.convert_tokens_to_ids("[AUDIO]")
         return tiny_native(self, tokenizer, audio_cfg, text_cfg, overrides, audio_token_id=audio_token)
 
-    def backbone(self, hf_model: nn.Module) -> Backbone:
-        text_config = hf_model.config.text_config
-        shell = meta_shell(LlamaForCausalLM, text_config, hf_model.model.language_model, hf_model.lm_head)
-        return Backbone(shell, "LlamaForCausalLM", text_config)
-
-    def encode_prompt(
-        self, hf_model: nn.Module, processor: Any, audio: Float[np.ndarray, " samples"], prompt: str,
-        response_prefix: str, **kwargs: Any,
-    ) -> PortInputs:
-        if kwargs:
-            raise TypeError(f"voxtral takes no extra prepare arguments, got {sorted(kwargs)}")
+    def tokens_and_features(
+        self, hf_model: nn.Module, processor: Any, wave: Float[np.ndarray, " samples"], prompt: str,
+        response_prefix: str,
+    ) -> tuple[Int[torch.Tensor, "1 pos"], dict[str, torch.Tensor]]:
+        """The instruct format through mistral-common when the checkpoint tokenizes with it, else assembled here."""
         if _is_mistral_common(processor.tokenizer):
-            tokens, features = _mistral_common_prompt(processor, audio, prompt, response_prefix)
+            tokens, features = _mistral_common_prompt(processor, wave, prompt, response_prefix)
         else:
-            features = chunked_features(processor.feature_extractor, audio)
+            features = chunked_features(processor.feature_extractor, wave)
             n_rows = features.shape[1] * rows_per_chunk(hf_model.config.audio_config)
             tokens = assembled_prompt(processor.tokenizer, hf_model.config.audio_token_id, n_rows, prompt, response_prefix)
-        return PortInputs(
-            tokens=tokens,
-            audio_features={"input_features": features},
-            audio_mask=tokens == hf_model.config.audio_token_id,
-        )
+        return tokens, {"input_features": features}
 
     def audio_embeddings(
         self, hf_model: nn.Module, features: dict[str, torch.Tensor], extras: dict[str, Any], hooks: AudioHooks
@@ -136,6 +128,11 @@ class VoxtralPort(Port):
     def hf_logits(self, hf_model: nn.Module, inputs: Any) -> Float[torch.Tensor, "batch pos vocab"]:
         features = inputs.audio_features["input_features"].flatten(0, 1)  # HF's layout: every chunk on one axis
         return hf_model(input_ids=inputs.tokens, input_features=features).logits
+
+    def audio_row_seconds(self, hf_model: nn.Module, processor: Any, n_rows: int) -> Float[np.ndarray, " n_rows"]:
+        """Each 30-s chunk gives `rows_per_chunk` evenly spaced rows, chunk after chunk (12.5 a second released);
+        rows past the clip's end are the chunk's padding."""
+        return np.arange(n_rows) * (CHUNK_SAMPLES / SAMPLING_RATE) / rows_per_chunk(hf_model.config.audio_config)
 
 
 # -- the offline path: the release layout assembled here -----------------------------------------------------------

@@ -29,3 +29,26 @@ def qwen2_audio_model():
 
     hf_model, processor = tiny_model("qwen2-audio", seed=3)
     return act.HookedLALM.from_hf(hf_model, processor, port="qwen2-audio")
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The shipped demo model (a Qwen2-Audio that really listens), loaded once (shared: tests must not mutate it)."""
+    import audiolens_ct as act
+    from audiolens_ct.demo import demo_model_path
+
+    return act.HookedLALM.from_pretrained(str(demo_model_path()))
+
+
+@pytest.fixture(scope="session")
+def demo_samples():
+    """Four held-out synthetic gender clips (two male, two female; in memory) and one whose audio file is missing."""
+    from audiolens_ct.data.sample import make_sample
+    from audiolens_ct.demo.synthetic import SAMPLING_RATE, clip_rng, synthetic_clip
+
+    clips = [
+        make_sample(GENDER, f"{label}_{i}.wav", label, waveform_rate=SAMPLING_RATE,
+                    waveform=synthetic_clip("gender", label, clip_rng(11, "gender", label, i)))
+        for label in GENDER.labels for i in range(2)
+    ]  # fmt: skip
+    return [*clips, make_sample(GENDER, "missing.wav", "male", audio_path="missing.wav")]

@@ -83,14 +83,15 @@ def test_a_traced_demo_sample_is_kept_with_finite_recovery_rates(demo_model, ans
 
 def test_run_demo_writes_records_figures_and_report_and_resumes(tmp_path, capsys):
     clips = {"animal": 1, "emotion": 1, "gender": 2, "language": 1}
-    report = run_demo(tmp_path, clips_per_label=clips, progress=False)
+    report = run_demo(tmp_path, clips_per_label=clips, progress=False, view_clips=1)
     assert report == tmp_path / "report.html" and report.stat().st_size > 0
     assert (tmp_path / "data" / "Gender" / "metadata.csv").is_file()
     assert (tmp_path / "figures" / "layer_rr.html").is_file()
+    assert (tmp_path / "lens.json").is_file() and (tmp_path / "steering.json").is_file()  # the views, beside the RR
     n_clips = {a: n * len(get_track(a).labels) for a, n in clips.items()}
     records = list(RunStore(tmp_path).records())
     assert {a: sum(r["attribute"] == a for r in records) for a in ATTRIBUTES} == n_clips
     counts = json.loads((tmp_path / "aggregate.json").read_text())["attributes"]
     assert all(counts[a]["counts"]["kept"] >= 1 for a in ATTRIBUTES)
-    run_demo(tmp_path, clips_per_label=clips, progress=False)
+    run_demo(tmp_path, clips_per_label=clips, progress=False, view_clips=1)
     assert f"({sum(n_clips.values())} from an earlier run)" in capsys.readouterr().out

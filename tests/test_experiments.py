@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-import audiolens_ct.experiment as experiment_module
+import audiolens_ct.sample_tracer as sample_tracer_module
 from audiolens_ct.aggregate import aggregate_records, aggregate_run, summarise
 from audiolens_ct.data.prompts import TRACKS, make_track
 from audiolens_ct.data.sample import make_sample
@@ -228,7 +228,7 @@ def test_sweep_records_every_sample_resumes_and_swaps_in_another_label(tmp_path,
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished sample was traced again")
 
-    monkeypatch.setattr(experiment_module, "trace", must_not_run)
+    monkeypatch.setattr(sample_tracer_module, "trace", must_not_run)
     again = run_experiment(model, samples, out, corruption="swap", modes=("layer",), progress=False)
     assert (again.resumed, again.errors) == (2, 2)  # traced samples skipped, errors redone
     with pytest.raises(RunMismatchError, match="modes"):

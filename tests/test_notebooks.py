@@ -23,8 +23,10 @@ from nbclient.exceptions import CellExecutionError
 from audiolens_ct.plots import static_export_available
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart", "02_transformerlens_api", "03_reproduce_the_paper", "04_new_port"]
-WITH_FIGURES = ["01_quickstart", "02_transformerlens_api", "03_reproduce_the_paper"]
+NAMES = ["01_quickstart", "02_transformerlens_api", "03_reproduce_the_paper", "04_new_port", "05_lens_and_steering",
+         "06_heads_and_time"]
+WITH_FIGURES = ["01_quickstart", "02_transformerlens_api", "03_reproduce_the_paper", "05_lens_and_steering",
+                "06_heads_and_time"]
 KERNEL = "audiolens-ct-tests"
 PLOTLY = "application/vnd.plotly.v1+json"
 WIDGET = "application/vnd.jupyter.widget-view+json"  # how a tqdm bar shows in a kernel with ipywidgets

@@ -4,12 +4,14 @@
 (a small `Qwen2AudioForConditionalGeneration` trained by `scripts/train_demo_model.py` to answer the four AudioLens
 questions from synthetic clips) by the same code path as a hub checkpoint, writes a fresh held-out synthetic SAKURA
 under `out/data` (clips the model never saw in training), traces every clip layer- and token-wise with silence as
-the corruption, and writes what a researcher gets on a real model:
+the corruption, reads the logit lens and sweeps audio–silence steering on a few clips per attribute, and writes what
+a researcher gets on a real model:
 
 ```
 out/data/<Track>/...                 the clips, in SAKURA's GitHub layout
 out/records/<attribute>/<id>.json    one record per clip: kept (RR maps), excluded (with the rule) or error
 out/manifest.json, out/aggregate.json
+out/lens.json, out/steering.json     the logit lens and a steering β sweep on 6 clips per attribute
 out/figures/*.html                   layer-wise RR, segment RR and token-wise heatmaps (interactive, offline)
 out/report.html                      the self-contained report
 ```

@@ -10,7 +10,9 @@ TransformerLens bridge reads the name, changed between releases (transformers 5.
 - Its attention module calls, through transformers' public `AttentionInterface`, an attention function registered
   here. That function receives the layer's queries, keys and values after the rotary embedding and either records
   the keys/values (the corrupted run) or prepends the stored prefix to them (a suffix pass), then applies causal
-  attention offset by the prefix length. The layers are called without any cache argument.
+  attention offset by the prefix length. The layers are called without any cache argument. Its output, one
+  `d_head` vector per query head before the output projection, is TransformerLens's `hook_z`: per-head patches
+  (kind "z") are written there.
 - The TransformerLens hook points of the four activation kinds (`hook_resid_pre`, `hook_attn_out`,
   `hook_mlp_out`, `hook_resid_post`) are called at the same places as in the bridge, so hooks a user set there fire,
   and the engine's own patches are written right after them. A hook on any other block hook point (attention
@@ -32,6 +34,7 @@ from transformers import AttentionInterface
 
 from audiolens_ct.choices import KINDS
 from audiolens_ct.errors import PortError, UnsupportedHookError
+from audiolens_ct.tracing.patches import HEAD_KIND
 
 ATTENTION_NAME = "audiolens_ct_prefix_kv"
 """The name under which the prefix-aware attention function is registered with transformers."""
@@ -105,8 +108,10 @@ def prefix_attention(
     future = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).triu_(diagonal=1)
     scores.view(batch, kv_heads, groups, q_len, kv_len)[..., kv_len - q_len :].masked_fill_(future, float("-inf"))
     weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(weights, value).reshape(batch, heads, q_len, d_head)
-    return out.transpose(1, 2).contiguous(), None
+    out = torch.matmul(weights, value).reshape(batch, heads, q_len, d_head).transpose(1, 2)
+    if module.z_write is not None:  # per-head patches: the clean output of some query heads at some positions
+        out = module.z_write(out)
+    return out.contiguous(), None
 
 
 AttentionInterface.register(ATTENTION_NAME, prefix_attention)
@@ -128,12 +133,18 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 class _Tap(nn.Module):
-    """Calls `module`, then a TransformerLens hook point and an optional write on its (first) output."""
+    """Calls `module`, then a TransformerLens hook point and an optional write on its (first) output.
 
-    def __init__(self, module: nn.Module, hook_point: nn.Module) -> None:
+    Where the bridge shows a sublayer's contribution scaled (`residual_contribution_scale`, e.g. Granite's
+    `residual_multiplier`), the hook point sees `output * scale` and an edited value is divided back, as the
+    bridge's own blocks do, so hooks and patches read and write the same values as through the bridge.
+    """
+
+    def __init__(self, module: nn.Module, hook_point: nn.Module, scale: float = 1.0) -> None:
         super().__init__()
         self.module = module
         self.hook_point = hook_point
+        self.scale = scale
         self.write: Write | None = None
         self.last_position_only = False
 
@@ -145,10 +156,20 @@ class _Tap(nn.Module):
         else:
             out = self.module(*args, **kwargs)
         first = out[0] if isinstance(out, tuple) else out
-        first = self.hook_point(first)
-        if self.write is not None:
-            first = self.write(first)
+        first = self._hooked(first)
         return (first, *out[1:]) if isinstance(out, tuple) else first
+
+    def _hooked(self, output: torch.Tensor) -> torch.Tensor:
+        if self.scale == 1.0:
+            hooked = self.hook_point(output)
+            return hooked if self.write is None else self.write(hooked)
+        if not (self.hook_point.has_hooks(dir="fwd") or self.write is not None):
+            return output
+        shown = output * self.scale
+        hooked = self.hook_point(shown)
+        if self.write is not None:
+            hooked = self.write(hooked)
+        return output if torch.equal(hooked, output * self.scale) else hooked / self.scale
 
 
 class PlainDecoder:
@@ -171,6 +192,7 @@ class PlainDecoder:
         for index, block in enumerate(bridge.blocks):
             hooks = {kind: bridge.get_hook_point(get_act_name(kind, index)) for kind in KINDS}
             layer = copy.copy(block.original_component)
+            scale = float(getattr(block, "residual_contribution_scale", 1.0))
             children = dict(layer._modules)
             taps = {}
             for name, child in layer._modules.items():
@@ -180,10 +202,11 @@ class PlainDecoder:
                     attention.config = copy.copy(attention.config)
                     attention.config._attn_implementation = ATTENTION_NAME
                     attention.stack_index = index
+                    attention.z_write = None
                     self.attn.append(attention)
-                    children[name] = taps["attn_out"] = _Tap(attention, hooks["attn_out"])
+                    children[name] = taps["attn_out"] = _Tap(attention, hooks["attn_out"], scale)
                 elif child is block.mlp:
-                    children[name] = taps["mlp_out"] = _Tap(_unwrap(child), hooks["mlp_out"])
+                    children[name] = taps["mlp_out"] = _Tap(_unwrap(child), hooks["mlp_out"], scale)
                 else:
                     children[name] = _unwrap(child)
             if set(taps) != {"attn_out", "mlp_out"}:
@@ -223,20 +246,23 @@ class PlainDecoder:
         last_position_only: bool = False,
     ) -> Float[torch.Tensor, "rows pos d_model"]:
         """Layer `index` on `h` (positions `positions`), attending through `kv_source`; `write` edits the `kind`
-        activation of this layer right after its hook point. With `last_position_only`, only the last position's
+        activation of this layer right after its hook point (kind "z": the attention's per-head output before the
+        output projection, `[rows, pos, heads, d_head]`). With `last_position_only`, only the last position's
         output is computed (valid when the next step is the unembedding and no hook reads the rest)."""
         hooks, taps = self.block_hooks[index], self.taps[index]
         h = hooks["resid_pre"](h)
         if kind == "resid_pre" and write is not None:
             h = write(h)
         self.attn[index].kv_source = kv_source
+        if kind == HEAD_KIND:
+            self.attn[index].z_write = write
         if kind in taps:
             taps[kind].write = write
         taps["mlp_out"].last_position_only = last_position_only
         try:
             out = self.layers[index](h, attention_mask=None, position_ids=positions, position_embeddings=rotary)
         finally:
-            self.attn[index].kv_source = None
+            self.attn[index].kv_source = self.attn[index].z_write = None
             for tap in taps.values():
                 tap.write, tap.last_position_only = None, False
         out = hooks["resid_post"](out[0] if isinstance(out, tuple) else out)

@@ -9,8 +9,10 @@ layers below l unchanged. So:
 3. A growing batch walks the layers k = 0..L-1: before layer k the patches whose (first) patched layer is k join
    as new rows, equal to the corrupted residual at layer k on the suffix; the clean activation is written at the
    patched positions (directly for `resid_pre`, through the block's hook for `resid_post` / `attn_out` /
-   `mlp_out`, at every layer of a ROME window); then every row passes layer k. One walk yields the patched output
-   of all layers for that suffix.
+   `mlp_out`, at every layer of a ROME window; for per-head patches, into the attention's per-head output before
+   the output projection, each row its own heads); then every row passes layer k. One walk yields the patched
+   output of all layers for that suffix. A group of positions (a span, a window of audio rows) is one patch whose
+   suffix starts at its first position.
 4. Only the last position goes through the last layer's MLP, the final norm and the unembedding (when no hook
    reads the last layer's other outputs).
 5. A residual patch that writes exactly the values already there (a text token's embedding before layer 0 is
@@ -36,9 +38,9 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities import get_act_name
 
 from audiolens_ct.inputs import LALMInput
-from audiolens_ct.tracing.decoder import KV, PrefixKV, RecordKV, plain_decoder
+from audiolens_ct.tracing.decoder import KV, PrefixKV, RecordKV, Write, plain_decoder
 from audiolens_ct.tracing.engine import CorruptedRun, Metric
-from audiolens_ct.tracing.patches import Patch, PatchSet
+from audiolens_ct.tracing.patches import HEAD_KIND, Patch, PatchSet
 
 if TYPE_CHECKING:
     from audiolens_ct.model import HookedLALM
@@ -60,6 +62,29 @@ def _write_rows(
     x = x.clone()
     x[rows[:, None], cols[None, :]] = values.to(x.dtype)
     return x
+
+
+def _write_heads(
+    z: Float[torch.Tensor, "rows pos heads d_head"], *, chosen: torch.Tensor, cols: torch.Tensor,
+    values: Float[torch.Tensor, "n_cols heads d_head"],
+) -> torch.Tensor:
+    """Write the clean `values` at suffix columns `cols` of the heads `chosen` (`[rows, heads]`, bool) of each row."""
+    z = z.clone()
+    z[:, cols] = torch.where(chosen[:, None, :, None], values.to(z.dtype)[None], z[:, cols])
+    return z
+
+
+def _writer(
+    kind: str, rows: list[Patch], active: list[int], copies: int, cols: torch.Tensor, values: torch.Tensor
+) -> Write:
+    """The write of layer-k's clean `values` into the batch rows of the `active` patches (copy-minor rows)."""
+    if kind != HEAD_KIND:
+        index = torch.tensor([r * copies + c for r in active for c in range(copies)], device=values.device)
+        return partial(_write_rows, rows=index, cols=cols, values=values)
+    chosen = torch.zeros(len(rows) * copies, values.shape[1], dtype=torch.bool, device=values.device)
+    for r in active:
+        chosen[r * copies : (r + 1) * copies, list(rows[r].heads)] = True
+    return partial(_write_heads, chosen=chosen, cols=cols, values=values)
 
 
 def _unembed_last(bridge: Any, h: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows vocab"]:
@@ -109,15 +134,11 @@ def _suffix_pass(
             h = torch.cat([h, run.resid_pre[layer][:, start:].repeat(joining, 1, 1)])
         if h.shape[0] == 0:
             continue
-        active = [r for r in range(h.shape[0] // copies) if layer in rows[r].layers]
+        present = h.shape[0] // copies
+        active = [r for r in range(present) if layer in rows[r].layers]
         write = None
         if active:
-            write = partial(
-                _write_rows,
-                rows=torch.tensor([r * copies + c for r in active for c in range(copies)], device=h.device),
-                cols=cols,
-                values=clean_cache[get_act_name(kind, layer)][0, src],
-            )
+            write = _writer(kind, rows[:present], active, copies, cols, clean_cache[get_act_name(kind, layer)][0, src])
         h = decoder.run_layer(layer, h, positions, rotary, prefix, write=write, kind=kind,
                               last_position_only=layer == last and last_only)
     return _unembed_last(model.bridge, h).reshape(len(rows), copies, -1)

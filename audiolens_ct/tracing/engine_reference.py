@@ -3,8 +3,8 @@
 Single-layer patch sets go through `transformer_lens.patching.generic_activation_patch`, unchanged, with the patch
 set as its `index_df` (columns `layer`, `patch`); a ROME window patches several layers in one forward, which that
 function cannot express, so windows run the same hooks through `run_with_hooks` directly (`patched_metric`, also
-the exactness audit's forward). This engine is slow
-and obviously right; the fast engine is tested against it.
+the exactness audit's forward). A per-head patch writes its heads only, at TransformerLens's `attn.hook_z`. This
+engine is slow and obviously right; the fast engine is tested against it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ if TYPE_CHECKING:
 
 
 def _restore(corrupted_act: torch.Tensor, patch: Patch, clean_act: torch.Tensor) -> torch.Tensor:
-    corrupted_act[:, list(patch.dst)] = clean_act[:, list(patch.src)].to(corrupted_act.dtype)
+    """Write the clean activation at the patch's positions (and only its heads, for a per-head patch)."""
+    if patch.heads is None:
+        corrupted_act[:, list(patch.dst)] = clean_act[:, list(patch.src)].to(corrupted_act.dtype)
+    else:
+        dst, src, heads = torch.tensor(patch.dst)[:, None], torch.tensor(patch.src)[:, None], list(patch.heads)
+        corrupted_act[:, dst, heads] = clean_act[:, src, heads].to(corrupted_act.dtype)
     return corrupted_act
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-_ARRAYS = ("layer_rr", "token_rr", "p_layer", "p_token")
+_ARRAYS = ("layer_rr", "token_rr", "p_layer", "p_token", "time_rr", "p_time")
 
 
 @dataclass
@@ -26,6 +26,18 @@ class TraceResult:
         str_tokens: the clean sequence's token strings.
         segments: positions of early_prompt / object / late_prompt / last.
         segment_rr: mean RR over each segment's positions per layer, `{segment: [n_layers]}`.
+        span_rr: group-wise tracing, RR(l) with each span's positions restored jointly, `{span: [n_layers]}`
+            (`p_span`: the patched probabilities; `span_positions`: each span's clean positions). A segment the
+            prompt lacks is left out.
+        time_rr: time-wise tracing, RR(l, t) over `[n_layers, len(time_windows)]` (`p_time`: the probabilities);
+            `time_windows` holds each window's `[start, end)` in seconds from the clip's start, and
+            `audio_envelope` the heard clip's loudness to draw above it: `{"rate": frames per second, "rms": [...]}`.
+        head_rr: head-wise tracing, RR(l, head) with one query head's output restored at the span's positions,
+            `{span: [n_layers][n_heads]}` (`p_head`: the probabilities).
+        attention: attention to the audio (`tracing/attention.py`): the attention mass onto the audio rows per
+            (layer, head), `{"last"|"object": {"clean"|"corrupted": [n_layers][n_heads]}}`; kept and excluded clips.
+        atp: the AtP* triage per grid (`tracing/triage.py`; keys "token", "time", "head:<span>"): the estimates,
+            the verified cells and their exact values, and the comparison with the exact grid when it was traced.
         target, options: the correct option and the option set; `clean_prediction` / `corrupted_prediction` are the
             argmax among the options' answer tokens.
         meta: model, port, corruption, kind, window, engine, library versions, transcript policy, ...
@@ -51,6 +63,17 @@ class TraceResult:
     p_layer: np.ndarray | None = None
     p_token: np.ndarray | None = None
     segment_rr: dict[str, list[float]] = field(default_factory=dict)
+    span_rr: dict[str, list[float]] = field(default_factory=dict)
+    p_span: dict[str, list[float]] = field(default_factory=dict)
+    span_positions: dict[str, list[int]] = field(default_factory=dict)
+    time_rr: np.ndarray | None = None
+    p_time: np.ndarray | None = None
+    time_windows: list[list[float]] = field(default_factory=list)
+    audio_envelope: dict[str, Any] = field(default_factory=dict)
+    head_rr: dict[str, list[list[float]]] = field(default_factory=dict)
+    p_head: dict[str, list[list[float]]] = field(default_factory=dict)
+    attention: dict[str, Any] | None = None
+    atp: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     audit: dict[str, Any] | None = None
 

@@ -14,7 +14,7 @@ from audiolens_ct.errors import InputError
 from audiolens_ct.ports import AudioHooks, Backbone, Port, PortInputs, TinyVariant, meta_shell
 from model_ports.qwen_audio.checkpoint import load_release_checkpoint, release_directory
 from model_ports.qwen_audio.modeling import QwenAudioModel, audio_span_mask
-from model_ports.qwen_audio.processing import SAMPLING_RATE, QwenAudioProcessor
+from model_ports.qwen_audio.processing import HOP_LENGTH, SAMPLING_RATE, QwenAudioProcessor
 from model_ports.qwen_audio.tokenization import tiny_tokenizer
 
 
@@ -98,3 +98,9 @@ class QwenAudioPort(Port):
 
     def hf_logits(self, hf_model: nn.Module, inputs: Any) -> Float[torch.Tensor, "batch pos vocab"]:
         return hf_model(inputs.tokens, **inputs.audio_features)
+
+    def audio_row_seconds(self, hf_model: nn.Module, processor: Any, n_rows: int) -> Float[np.ndarray, " n_rows"]:
+        """`<audio>`, then row k at mel frame 4k (stride-2 convolution, then pooling by 2: 25 a second), then
+        `</audio>`; the two boundary embeddings stand for no moment."""
+        frames = np.arange(n_rows - 2) * 4 * HOP_LENGTH / SAMPLING_RATE
+        return np.concatenate([[np.nan], frames, [np.nan]])

@@ -1,0 +1,35 @@
+"""Tiny models of every port with an untouched copy of the original, shared by the generation, lens and steering
+tests (built once per port)."""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+
+import torch
+
+from audiolens_ct.data.prompts import TRACKS
+from audiolens_ct.inputs import LALMInput
+from audiolens_ct.model import HookedLALM
+from audiolens_ct.ports import get_port
+from audiolens_ct.testing import tiny_model, tone
+
+GENDER = TRACKS["gender"]
+
+
+def small_variant(port: str):
+    """The port's small tiny configuration (the one its patching checks run on)."""
+    variants = get_port(port).tiny_variants
+    return next((v for v in variants if v.patching), variants[0])
+
+
+@cache
+def tiny(port: str) -> tuple[HookedLALM, torch.nn.Module, LALMInput]:
+    """A tiny model of `port` (its small variant), an untouched copy of the original, and a prepared 0.5-s clip."""
+    variant = small_variant(port)
+    hf_model, processor = tiny_model(port, **copy.deepcopy(variant.overrides))
+    reference = copy.deepcopy(hf_model).eval()
+    model = HookedLALM.from_hf(hf_model, processor, port=port)
+    inp = model.prepare(tone(0.5, rate=model.port.sampling_rate), variant.prompt or GENDER.prompt,
+                        GENDER.response_prefix, **variant.prepare_kwargs)  # fmt: skip
+    return model, reference, inp
