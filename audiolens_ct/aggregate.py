@@ -103,6 +103,7 @@ def _attribute(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             reason = r["result"]["exclusion_reason"]
             reasons[reason] = reasons.get(reason, 0) + 1
     errors = [{"sample_id": r["sample_id"], "error": r["error"]} for r in rows if r["status"] == "error"]
+    traced = [r["result"] for r in rows if r["status"] != "error"]  # kept and excluded
     out: dict[str, Any] = {
         "counts": {"samples": len(rows), "kept": len(kept), "excluded": dict(sorted(reasons.items())),
                    "errors": len(errors)},  # fmt: skip
@@ -117,8 +118,8 @@ def _attribute(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "time_rr": None,
         "envelope": None,
         "head_rr": {},
-        "audit": _audit([r["result"] for r in rows if r["status"] != "error"]),
-        "attention": _attention_to_audio([r["result"] for r in rows if r["status"] != "error"]),
+        "audit": _audit(traced),
+        "attention": _attention_to_audio(traced),
         "atp": _atp_triage(kept),
     }
     if not kept:

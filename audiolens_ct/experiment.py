@@ -169,7 +169,7 @@ def _workers(
 def _dtype(model: HookedLALM | ModelSpec, store: RunStore) -> str | None:
     """The weights' dtype without loading them: the model's, the spec's, else the one the run recorded."""
     if not isinstance(model, ModelSpec):
-        return str(next(model.hf_model.parameters()).dtype).removeprefix("torch.")
+        return model.dtype_name
     return model.dtype or (store.manifest() or {}).get("settings", {}).get("dtype")
 
 

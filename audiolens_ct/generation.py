@@ -32,7 +32,7 @@ from transformers.generation.logits_process import (
 
 from audiolens_ct.errors import InputError
 from audiolens_ct.inputs import LALMInput
-from audiolens_ct.tracing.decoder import KV, PlainDecoder, plain_decoder
+from audiolens_ct.tracing.decoder import KV, PlainDecoder, RecordKV, plain_decoder
 
 if TYPE_CHECKING:
     from audiolens_ct.model import HookedLALM, HookList
@@ -41,18 +41,14 @@ Choose = Callable[[Int[torch.Tensor, "batch pos"], Float[torch.Tensor, "batch vo
 """Picks each row's next token from the tokens so far and the last position's logits."""
 
 
-class GrowingKV:
+class GrowingKV(RecordKV):
     """Every layer's keys/values of all positions run so far: a pass appends its own and attends to all of them."""
-
-    def __init__(self) -> None:
-        self.kv: dict[int, KV] = {}
 
     def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> KV:
         if layer in self.kv:
             past_k, past_v = self.kv[layer]
             keys, values = torch.cat([past_k, keys], dim=2), torch.cat([past_v, values], dim=2)
-        self.kv[layer] = (keys, values)
-        return keys, values
+        return super().extend(layer, keys, values)
 
     @property
     def length(self) -> int:
@@ -109,15 +105,7 @@ def _last_logits(
     model: HookedLALM, decoder: PlainDecoder, tokens: Int[torch.Tensor, "batch pos"], cache: GrowingKV
 ) -> Float[torch.Tensor, "batch vocab"]:
     """One pass over `tokens` (the positions after those in `cache`), appending their keys/values to it."""
-    bridge = model.bridge
-    h = bridge.embed(tokens)
-    start = cache.length
-    positions, rotary = decoder.positions(start, start + h.shape[1], h)
-    last = len(decoder.layers) - 1
-    for index in range(len(decoder.layers)):
-        h = decoder.run_layer(index, h, positions, rotary, cache,
-                              last_position_only=index == last and decoder.last_layer_unread())  # fmt: skip
-    return bridge.unembed(bridge.ln_final(h[:, -1:]))[:, 0]
+    return decoder.run(model.bridge.embed(tokens), cache.length, cache)[1]
 
 
 def generate_tokens(

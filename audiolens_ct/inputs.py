@@ -160,6 +160,15 @@ def object_span(text: str, options: list[str] | None, object_text: str | None) -
     return min(m.start() for m in found.values()), max(m.end() for m in found.values())
 
 
+def text_after_audio(tokenizer: Any, inp: LALMInput) -> tuple[str, list[int]]:
+    """The decoded text after the audio block (first row), and for each position p from `first_text_after_audio` on
+    the end offset, in that text, of the tokens up to p: how character spans map back to positions."""
+    ids = inp.tokens[0].tolist()
+    first = inp.first_text_after_audio
+    ends = [len(tokenizer.decode(ids[first : p + 1])) for p in range(first, len(ids))]
+    return tokenizer.decode(ids[first:]), ends
+
+
 def text_segments(piece_ends: list[int], first: int, span: tuple[int, int] | None) -> dict[str, list[int]]:
     """Split the text positions after the audio into the paper's four segments.
 

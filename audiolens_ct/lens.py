@@ -43,7 +43,7 @@ from transformer_lens.utilities import get_act_name
 
 from audiolens_ct.aggregate import INTERVAL, summarise
 from audiolens_ct.errors import SAMPLE_ERRORS, InputError
-from audiolens_ct.inputs import LALMInput
+from audiolens_ct.inputs import LALMInput, text_after_audio
 from audiolens_ct.tracing.scoring import answer_tokens
 from audiolens_ct.twins import ClipPair, clip_pair
 
@@ -79,24 +79,29 @@ def logit_lens(
     length = inp.shape[1]
     if not -length <= position < length:
         raise InputError(f"position {position} is outside the input's {length} positions")
-    names = [get_act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
+    resid = resid_post_at(model, inp, range(model.cfg.n_layers), position)
+    with torch.no_grad():
+        return lens_distribution(model, resid)[..., list(option_ids.values())].cpu()
+
+
+def resid_post_at(
+    model: HookedLALM, inp: LALMInput, layers: Sequence[int], position: int = -1
+) -> Float[torch.Tensor, "batch n_layers d_model"]:
+    """`resid_post` of each of `layers` at `position` (one forward, caching only those)."""
+    names = [get_act_name("resid_post", layer) for layer in layers]
     with torch.no_grad():
         _, cache = model.run_with_cache(inp, names_filter=names)
-        resid = torch.stack([cache[name][:, position] for name in names], dim=1)
-        return lens_distribution(model, resid)[..., list(option_ids.values())].cpu()
+    return torch.stack([cache[name][:, position] for name in names], dim=1)
 
 
 def attribute_position(model: HookedLALM, inp: LALMInput, word: str) -> int:
     """The position of the last token of the last occurrence of `word` (case-insensitive) after the audio."""
-    ids = inp.tokens[0].tolist()
-    first = inp.first_text_after_audio
-    tok = model.tokenizer
-    text = tok.decode(ids[first:])
+    text, ends = text_after_audio(model.tokenizer, inp)
     found = list(re.finditer(re.escape(word.strip()), text, flags=re.IGNORECASE))
     if not word.strip() or not found:
         raise InputError(f"the word {word!r} does not occur in the text after the audio: {text!r}")
     end = found[-1].end()
-    return next(p for p in range(first, len(ids)) if len(tok.decode(ids[first : p + 1])) >= end)
+    return inp.first_text_after_audio + next(j for j, piece_end in enumerate(ends) if piece_end >= end)
 
 
 def critical_layer(probs: Float[np.ndarray, "n_layers n_options"], options: Sequence[str], target: str) -> int | None:

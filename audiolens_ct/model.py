@@ -29,7 +29,7 @@ from transformer_lens.model_bridge.sources import build_bridge_from_module
 from audiolens_ct.audio import as_waveform
 from audiolens_ct.errors import CheckpointError, InputError
 from audiolens_ct.hub import read_checkpoint_config
-from audiolens_ct.inputs import LALMInput, object_span, text_segments
+from audiolens_ct.inputs import LALMInput, object_span, text_after_audio, text_segments
 from audiolens_ct.ports import AudioHooks, Port, get_port, port_for_config
 
 _HOOK_LEVELS = itertools.count(1_000_000)
@@ -214,13 +214,11 @@ class HookedLALM(nn.Module):
         return [tok.decode([i]) for i in ids]
 
     def _segments(self, inp: LALMInput, options: list[str], object_text: str | None) -> dict[str, list[int]]:
-        ids = inp.tokens[0].tolist()
         first = inp.first_text_after_audio
-        if first >= len(ids):
+        if first >= inp.shape[1]:
             raise InputError(f"{self.port.name}: the prompt has no text after the audio")
-        tok = self.tokenizer
-        ends = [len(tok.decode(ids[first : p + 1])) for p in range(first, len(ids))]
-        return text_segments(ends, first, object_span(tok.decode(ids[first:]), options, object_text))
+        text, ends = text_after_audio(self.tokenizer, inp)
+        return text_segments(ends, first, object_span(text, options, object_text))
 
     def to_str_tokens(self, x: LALMInput | torch.Tensor | str) -> list[str] | list[list[str]]:
         """Token strings of an input (batch 1 gives a flat list), a token tensor, or a string."""
@@ -395,3 +393,8 @@ class HookedLALM(nn.Module):
     @property
     def n_layers(self) -> int:
         return self.cfg.n_layers
+
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as it is written in run manifests and records, e.g. "bfloat16"."""
+        return str(next(self.hf_model.parameters()).dtype).removeprefix("torch.")

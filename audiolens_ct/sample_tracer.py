@@ -50,9 +50,9 @@ class SampleTracer:
         """Where this tracer runs, for the run manifest: host, process id, device, dtype and torch threads."""
         import torch
 
-        weight = next(self.model.hf_model.parameters())
-        return dict(host=socket.gethostname(), pid=os.getpid(), device=str(weight.device),
-                    dtype=str(weight.dtype).removeprefix("torch."), threads=torch.get_num_threads())  # fmt: skip
+        device = next(self.model.hf_model.parameters()).device
+        return dict(host=socket.gethostname(), pid=os.getpid(), device=str(device), dtype=self.model.dtype_name,
+                    threads=torch.get_num_threads())  # fmt: skip
 
     def record(self, index: int) -> dict[str, Any]:
         """The record of sample `index`; a data problem becomes an `error` record with its message."""

@@ -35,6 +35,7 @@ from transformer_lens.utilities import get_act_name
 from audiolens_ct.choices import STEERING_BETAS, STEERING_POSITIONS
 from audiolens_ct.errors import SAMPLE_ERRORS, InputError
 from audiolens_ct.inputs import LALMInput
+from audiolens_ct.lens import resid_post_at
 from audiolens_ct.tracing.scoring import answer_tokens, predicted_option
 from audiolens_ct.twins import ClipPair, ask, clip_pair
 
@@ -101,11 +102,8 @@ def _checked_layers(layers: Iterable[int], n_layers: int | None = None) -> tuple
 def last_resid(
     model: HookedLALM, inp: LALMInput, layers: Sequence[int]
 ) -> Float[torch.Tensor, "batch n_layers d_model"]:
-    """`resid_post` at the last position of each of `layers` (one forward, caching only those)."""
-    names = [get_act_name("resid_post", layer) for layer in layers]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(inp, names_filter=names)
-    return torch.stack([cache[name][:, -1].float() for name in names], dim=1)
+    """`resid_post` at the last position of each of `layers` (one forward, caching only those), in float32."""
+    return resid_post_at(model, inp, layers).float()
 
 
 def audio_silence_direction(

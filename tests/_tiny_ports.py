@@ -7,12 +7,13 @@ import copy
 from functools import cache
 
 import torch
+from _shared_checks import wrapped_with_reference
 
 from audiolens_ct.data.prompts import TRACKS
 from audiolens_ct.inputs import LALMInput
 from audiolens_ct.model import HookedLALM
 from audiolens_ct.ports import get_port
-from audiolens_ct.testing import tiny_model, tone
+from audiolens_ct.testing import tone
 
 GENDER = TRACKS["gender"]
 
@@ -27,9 +28,7 @@ def small_variant(port: str):
 def tiny(port: str) -> tuple[HookedLALM, torch.nn.Module, LALMInput]:
     """A tiny model of `port` (its small variant), an untouched copy of the original, and a prepared 0.5-s clip."""
     variant = small_variant(port)
-    hf_model, processor = tiny_model(port, **copy.deepcopy(variant.overrides))
-    reference = copy.deepcopy(hf_model).eval()
-    model = HookedLALM.from_hf(hf_model, processor, port=port)
+    model, reference = wrapped_with_reference(port, **copy.deepcopy(variant.overrides))
     inp = model.prepare(tone(0.5, rate=model.port.sampling_rate), variant.prompt or GENDER.prompt,
                         GENDER.response_prefix, **variant.prepare_kwargs)  # fmt: skip
     return model, reference, inp

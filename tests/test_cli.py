@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from _shared_checks import assert_same
 
 import audiolens_ct as act
 from audiolens_ct import cli
@@ -103,20 +104,6 @@ def record_names(out):
     return sorted(p.relative_to(out).as_posix() for p in (out / "records").glob("*/*.json"))
 
 
-def assert_same(a, b, path="aggregate"):
-    """Equal JSON trees, numbers to 1e-9."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, abs=1e-9), path
-    else:
-        assert a == b, path
 
 
 def test_killed_trace_resumes_to_the_same_aggregate_as_an_uninterrupted_run(tiny_dir, data, reference, tmp_path):

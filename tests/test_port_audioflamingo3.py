@@ -3,25 +3,20 @@ offline (the conformance kit runs on it in `test_conformance.py`)."""
 
 from __future__ import annotations
 
-import copy
-
-import huggingface_hub.constants
 import pytest
 import torch
+from _shared_checks import check_batch_of_two, check_loaded_like, offline_cache_repo, wrapped_with_reference
 from conftest import GENDER, GENDER_PREFIX, GENDER_PROMPT
 
 from audiolens_ct import HookedLALM
-from audiolens_ct.inputs import LALMInput
-from audiolens_ct.testing import check_embed_is_resid_pre, check_logits_match, tiny_model, tone
+from audiolens_ct.testing import tone
 
 OPTIONS = list(GENDER.labels)
 
 
 @pytest.fixture(scope="module")
 def af3() -> tuple[HookedLALM, torch.nn.Module]:
-    hf_model, processor = tiny_model("audioflamingo3", seed=1)
-    reference = copy.deepcopy(hf_model).eval()
-    return HookedLALM.from_hf(hf_model, processor, port="audioflamingo3"), reference
+    return wrapped_with_reference("audioflamingo3", seed=1)
 
 
 def test_a_5_second_clip_gives_125_sound_rows_before_the_question(af3):
@@ -55,31 +50,14 @@ def test_the_audio_hooks_see_every_window_and_the_real_rows(af3):
 @pytest.mark.parametrize("seconds", [4.0, 35.0])
 def test_a_batch_of_two_clips_matches_the_hf_forward_and_each_clip_alone(af3, seconds):
     model, reference = af3
-    first = model.prepare(tone(seconds), GENDER_PROMPT, GENDER_PREFIX, options=OPTIONS)
-    second = model.prepare(tone(seconds, freq=440.0, seed=3), GENDER_PROMPT, GENDER_PREFIX, options=OPTIONS)
-    batch = LALMInput.stack([first, second])
-    check_logits_match(model, reference, batch)  # each check raises beyond 1e-5
-    check_embed_is_resid_pre(model, batch)
-    with torch.no_grad():
-        together, alone = model(batch), torch.cat([model(first), model(second)])
-    assert (together - alone).abs().max().item() <= 1e-5
-    assert (alone[0] - alone[1]).abs().max().item() > 1e-3  # the clips differ, so a row mix-up would show
+    check_batch_of_two(model, reference, seconds)
 
 
 def test_a_hub_id_resolves_from_an_offline_cache_without_naming_the_port(af3, tmp_path, monkeypatch):
     model, reference = af3
-    repo = tmp_path / "models--nvidia--audio-flamingo-3-hf"
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    reference.save_pretrained(repo / "snapshots" / commit)  # the untouched twin: wrapping changes the module tree
-    model.processor.save_pretrained(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # conftest sets the variable
+    snapshot = offline_cache_repo(tmp_path, monkeypatch, "nvidia/audio-flamingo-3-hf", "89abcdef" * 5)
+    reference.save_pretrained(snapshot)  # the untouched twin: wrapping changes the module tree
+    model.processor.save_pretrained(snapshot)
     loaded = HookedLALM.from_pretrained("nvidia/audio-flamingo-3-hf")
     assert loaded.port.name == "audioflamingo3"
-    inp = loaded.prepare(tone(2.0), GENDER_PROMPT, GENDER_PREFIX)
-    assert torch.equal(inp.tokens, model.prepare(tone(2.0), GENDER_PROMPT, GENDER_PREFIX).tokens)
-    with torch.no_grad():
-        assert (loaded(inp) - model.port.hf_logits(reference, inp)).abs().max().item() <= 1e-5
+    check_loaded_like(loaded, model, reference, tone(2.0))

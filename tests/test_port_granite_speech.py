@@ -4,20 +4,18 @@ both engines, the LoRA-adapter refusal, and loading by hub id offline (the confo
 
 from __future__ import annotations
 
-import copy
 import json
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from _shared_checks import check_batch_of_two, check_loaded_like, offline_cache_repo, wrapped_with_reference
 from conftest import GENDER, GENDER_PREFIX, GENDER_PROMPT
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
 from audiolens_ct import HookedLALM
 from audiolens_ct.errors import CheckpointError
-from audiolens_ct.inputs import LALMInput
-from audiolens_ct.testing import check_embed_is_resid_pre, check_logits_match, tiny_model, tone
+from audiolens_ct.testing import tiny_model, tone
 from audiolens_ct.tracing import trace
 from model_ports.granite_speech import SYSTEM_PROMPT, GraniteLogMel, GraniteSpeechPort
 
@@ -26,9 +24,7 @@ OPTIONS = list(GENDER.labels)
 
 @pytest.fixture(scope="module")
 def granite() -> tuple[HookedLALM, torch.nn.Module]:
-    hf_model, processor = tiny_model("granite-speech", seed=1)
-    reference = copy.deepcopy(hf_model).eval()
-    return HookedLALM.from_hf(hf_model, processor, port="granite-speech"), reference
+    return wrapped_with_reference("granite-speech", seed=1)
 
 
 def test_the_log_mel_features_equal_transformers_numpy_power_mel_with_the_release_normalisation():
@@ -101,15 +97,7 @@ def test_hook_embed_holds_what_enters_the_residual_stream_scaled_by_the_embeddin
 
 def test_a_batch_of_two_clips_matches_the_hf_forward_and_each_clip_alone(granite):
     model, reference = granite
-    first = model.prepare(tone(2.0), GENDER_PROMPT, GENDER_PREFIX, options=OPTIONS)
-    second = model.prepare(tone(2.0, freq=440.0, seed=3), GENDER_PROMPT, GENDER_PREFIX, options=OPTIONS)
-    batch = LALMInput.stack([first, second])
-    check_logits_match(model, reference, batch)  # each check raises beyond 1e-5
-    check_embed_is_resid_pre(model, batch)
-    with torch.no_grad():
-        together, alone = model(batch), torch.cat([model(first), model(second)])
-    assert (together - alone).abs().max().item() <= 1e-5
-    assert (alone[0] - alone[1]).abs().max().item() > 1e-3  # the clips differ, so a row mix-up would show
+    check_batch_of_two(model, reference, 2.0)
 
 
 @pytest.fixture(scope="module")
@@ -159,18 +147,9 @@ def test_a_release_checkpoint_with_a_lora_adapter_is_refused_without_peft(granit
 
 def test_a_hub_id_resolves_from_an_offline_cache_without_naming_the_port(granite, tmp_path, monkeypatch):
     model, reference = granite
-    repo = tmp_path / "models--ibm-granite--granite-speech-3.3-2b"
-    commit = "fedcba9876543210fedcba9876543210fedcba98"
-    reference.save_pretrained(repo / "snapshots" / commit)  # the untouched twin: wrapping changes the module tree
-    model.processor.save_pretrained(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # conftest sets the variable
+    snapshot = offline_cache_repo(tmp_path, monkeypatch, "ibm-granite/granite-speech-3.3-2b", "fedcba98" * 5)
+    reference.save_pretrained(snapshot)  # the untouched twin: wrapping changes the module tree
+    model.processor.save_pretrained(snapshot)
     loaded = HookedLALM.from_pretrained("ibm-granite/granite-speech-3.3-2b")
     assert loaded.port.name == "granite-speech"
-    inp = loaded.prepare(tone(2.0), GENDER_PROMPT, GENDER_PREFIX)
-    assert torch.equal(inp.tokens, model.prepare(tone(2.0), GENDER_PROMPT, GENDER_PREFIX).tokens)
-    with torch.no_grad():
-        assert (loaded(inp) - model.port.hf_logits(reference, inp)).abs().max().item() <= 1e-5
+    check_loaded_like(loaded, model, reference, tone(2.0))

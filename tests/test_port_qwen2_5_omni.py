@@ -3,20 +3,18 @@ batches, and loading the release layout offline (the conformance kit runs on it 
 
 from __future__ import annotations
 
-import copy
 import json
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from _shared_checks import check_batch_of_two, check_loaded_like, offline_cache_repo, wrapped_with_reference
 from conftest import GENDER, GENDER_PREFIX, GENDER_PROMPT
 from safetensors.torch import load_file, save_file
 
 from audiolens_ct import HookedLALM
 from audiolens_ct.errors import CheckpointError
-from audiolens_ct.inputs import LALMInput
-from audiolens_ct.testing import check_embed_is_resid_pre, check_logits_match, tiny_model, tone
+from audiolens_ct.testing import tone
 from model_ports._native import AudioTextProcessor
 
 OPTIONS = list(GENDER.labels)
@@ -24,9 +22,7 @@ OPTIONS = list(GENDER.labels)
 
 @pytest.fixture(scope="module")
 def omni() -> tuple[HookedLALM, torch.nn.Module]:
-    hf_model, processor = tiny_model("qwen2.5-omni", seed=1)
-    reference = copy.deepcopy(hf_model).eval()
-    return HookedLALM.from_hf(hf_model, processor, port="qwen2.5-omni"), reference
+    return wrapped_with_reference("qwen2.5-omni", seed=1)
 
 
 def test_a_5_second_clip_gives_125_rows_between_audio_bos_and_eos_in_the_user_turn(omni):
@@ -68,15 +64,7 @@ def test_the_thinkers_3d_positions_for_text_and_audio_are_one_sequential_positio
 
 def test_a_batch_of_two_clips_matches_the_thinker_and_each_clip_alone(omni):
     model, reference = omni
-    first = model.prepare(tone(4.0), GENDER_PROMPT, GENDER_PREFIX, options=OPTIONS)
-    second = model.prepare(tone(4.0, freq=440.0, seed=3), GENDER_PROMPT, GENDER_PREFIX, options=OPTIONS)
-    batch = LALMInput.stack([first, second])
-    check_logits_match(model, reference, batch)  # each check raises beyond 1e-5
-    check_embed_is_resid_pre(model, batch)
-    with torch.no_grad():
-        together, alone = model(batch), torch.cat([model(first), model(second)])
-    assert (together - alone).abs().max().item() <= 1e-5
-    assert (alone[0] - alone[1]).abs().max().item() > 1e-3  # the clips differ, so a row mix-up would show
+    check_batch_of_two(model, reference, 4.0)
 
 
 def test_the_audio_hooks_see_the_rows_of_the_towers_own_projection(omni):
@@ -108,22 +96,12 @@ def _release_layout(directory, thinker: torch.nn.Module, processor: AudioTextPro
 
 def test_a_hub_id_resolves_from_an_offline_cache_of_the_release_layout(omni, tmp_path, monkeypatch):
     model, reference = omni
-    repo = tmp_path / "models--Qwen--Qwen2.5-Omni-7B"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    _release_layout(repo / "snapshots" / commit, reference, model.processor)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # conftest sets the variable
+    snapshot = offline_cache_repo(tmp_path, monkeypatch, "Qwen/Qwen2.5-Omni-7B", "01234567" * 5)
+    _release_layout(snapshot, reference, model.processor)
     loaded = HookedLALM.from_pretrained("Qwen/Qwen2.5-Omni-7B")
     assert loaded.port.name == "qwen2.5-omni"
     assert type(loaded.hf_model).__name__ == "Qwen2_5OmniThinkerForConditionalGeneration"
-    wave = np.sin(np.arange(16000) / 9).astype(np.float32)
-    inp = loaded.prepare(wave, GENDER_PROMPT, GENDER_PREFIX)
-    assert torch.equal(inp.tokens, model.prepare(wave, GENDER_PROMPT, GENDER_PREFIX).tokens)
-    with torch.no_grad():
-        assert (loaded(inp) - model.port.hf_logits(reference, inp)).abs().max().item() <= 1e-5
+    check_loaded_like(loaded, model, reference, np.sin(np.arange(16000) / 9).astype(np.float32))
 
 
 def test_a_checkpoint_without_a_chat_template_is_refused_naming_the_files(omni, tmp_path):

@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+from _shared_checks import assert_same
 
 from audiolens_ct import cli
 from audiolens_ct.config import TraceConfig
@@ -84,20 +85,6 @@ def records(out):
     return found
 
 
-def assert_same(a, b, path="run"):
-    """Equal JSON trees, numbers to 1e-9."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, abs=1e-9), path
-    else:
-        assert a == b, path
 
 
 def assert_equal_runs(local, out):

@@ -73,8 +73,7 @@ class ModelSpec:
                 f"workers load the model by its name or path, and {model.model_name!r} cannot be loaded ({exc}); "
                 "save an in-memory model with save_pretrained(DIR) and pass HookedLALM.from_pretrained(DIR)"
             ) from None
-        dtype = str(next(model.hf_model.parameters()).dtype).removeprefix("torch.")
-        return cls(model.model_name, port=model.port, dtype=dtype)
+        return cls(model.model_name, port=model.port, dtype=model.dtype_name)
 
     def resolve_port(self) -> Port:
         """The port, without loading the model (read from config.json when not given)."""

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from scipy import stats
+from transformer_lens.utilities import get_act_name
 
 from audiolens_ct.errors import InputError
 from audiolens_ct.inputs import LALMInput
@@ -48,7 +49,7 @@ RUNS = ("clean", "corrupted")
 
 def pattern_name(layer: int) -> str:
     """TransformerLens's post-softmax attention pattern of `layer`, `[batch, query_heads, query_pos, key_pos]`."""
-    return f"blocks.{layer}.attn.hook_pattern"
+    return get_act_name("pattern", layer)
 
 
 def audio_attention(

@@ -65,9 +65,8 @@ Acts = dict[str, torch.Tensor]
 def attention_names(layer: int) -> dict[str, str]:
     """The hook points the QK fix reads at `layer`: post-RoPE queries and keys, values, pattern, and the input of
     the layer's first norm (what separates the residual path from the attention path)."""
-    attn = f"blocks.{layer}.attn"
-    return {"q": f"{attn}.hook_rot_q", "k": f"{attn}.hook_rot_k", "v": f"{attn}.hook_v", "pattern": f"{attn}.hook_pattern",
-            "norm_in": f"blocks.{layer}.ln1.hook_in"}  # fmt: skip
+    kinds = {"q": "rot_q", "k": "rot_k", "v": "v", "pattern": "pattern"}
+    return {**{key: get_act_name(kind, layer) for key, kind in kinds.items()}, "norm_in": f"blocks.{layer}.ln1.hook_in"}
 
 
 @dataclass

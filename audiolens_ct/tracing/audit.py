@@ -50,7 +50,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, tor
 TOKEN_CELLS = 3
 
 
-
 def versions() -> dict[str, str]:
     """Installed versions of the libraries a trace's numbers depend on."""
     out = {}

@@ -43,7 +43,6 @@ Write = Callable[[torch.Tensor], torch.Tensor]
 KV = tuple[Float[torch.Tensor, "batch kv_heads pos d_head"], Float[torch.Tensor, "batch kv_heads pos d_head"]]
 
 
-
 class RecordKV:
     """Keys/values of one full forward: each layer's are kept, and attention runs on them unchanged."""
 
@@ -269,6 +268,24 @@ class PlainDecoder:
         if kind == "resid_post" and write is not None:
             out = write(out)
         return out
+
+    def run(
+        self, h: Float[torch.Tensor, "rows pos d_model"], start: int, kv_source: RecordKV | PrefixKV
+    ) -> tuple[list[Float[torch.Tensor, "rows pos d_model"]], Float[torch.Tensor, "rows vocab"]]:
+        """Every layer on `h` (the embeddings of positions [start, start + pos)), attending through `kv_source`: the
+        residual stream before each layer, and the last position's logits."""
+        positions, rotary = self.positions(start, start + h.shape[1], h)
+        resid = []
+        last = len(self.layers) - 1
+        for index in range(len(self.layers)):
+            resid.append(h)
+            h = self.run_layer(index, h, positions, rotary, kv_source,
+                               last_position_only=index == last and self.last_layer_unread())  # fmt: skip
+        return resid, self.unembed_last(h)
+
+    def unembed_last(self, h: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows vocab"]:
+        """The logits of the last position: the final norm and the unembedding."""
+        return self.bridge.unembed(self.bridge.ln_final(h[:, -1:]))[:, 0]
 
     def last_layer_unread(self) -> bool:
         """True when no hook reads the last layer's MLP output or residual output (so only its last position

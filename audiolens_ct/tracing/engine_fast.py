@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -87,26 +87,14 @@ def _writer(
     return partial(_write_heads, chosen=chosen, cols=cols, values=values)
 
 
-def _unembed_last(bridge: Any, h: Float[torch.Tensor, "rows pos d_model"]) -> Float[torch.Tensor, "rows vocab"]:
-    return bridge.unembed(bridge.ln_final(h[:, -1:]))[:, 0]
-
-
 def run_corrupted(model: HookedLALM, corrupted: LALMInput) -> FastCorruptedRun:
     """Run the corrupted input once through the model's own layers, keeping residuals and keys/values."""
     decoder = plain_decoder(model)
     decoder.check_hooks()
-    bridge = model.bridge
     with torch.no_grad(), model.spliced(corrupted):
-        h = bridge.embed(corrupted.tokens)
-        positions, rotary = decoder.positions(0, h.shape[1], h)
         recorder = RecordKV()
-        resid = [h]
-        last = len(decoder.layers) - 1
-        for index in range(len(decoder.layers)):
-            h = decoder.run_layer(index, h, positions, rotary, recorder,
-                                  last_position_only=index == last and decoder.last_layer_unread())
-            resid.append(h)
-        return FastCorruptedRun(corrupted, _unembed_last(bridge, h), resid[:-1], recorder.kv)
+        resid, last_logits = decoder.run(model.bridge.embed(corrupted.tokens), 0, recorder)
+        return FastCorruptedRun(corrupted, last_logits, resid, recorder.kv)
 
 
 def _suffix_pass(
@@ -141,7 +129,7 @@ def _suffix_pass(
             write = _writer(kind, rows[:present], active, copies, cols, clean_cache[get_act_name(kind, layer)][0, src])
         h = decoder.run_layer(layer, h, positions, rotary, prefix, write=write, kind=kind,
                               last_position_only=layer == last and last_only)
-    return _unembed_last(model.bridge, h).reshape(len(rows), copies, -1)
+    return decoder.unembed_last(h).reshape(len(rows), copies, -1)
 
 
 def _writes_nothing_new(kind: str, patch: Patch, clean_cache: ActivationCache, run: FastCorruptedRun) -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from audiolens_ct.choices import parse_span
 from audiolens_ct.errors import InputError
-from audiolens_ct.inputs import SEGMENT_NAMES, LALMInput
+from audiolens_ct.inputs import SEGMENT_NAMES, LALMInput, text_after_audio
 
 if TYPE_CHECKING:
     from audiolens_ct.model import HookedLALM
@@ -89,13 +89,11 @@ def resolve_span(model: HookedLALM, spec: str, clean: LALMInput, corrupted: LALM
 
 def _text_positions(model: HookedLALM, words: str, clean: LALMInput) -> list[int]:
     """The positions after the audio whose tokens overlap the last occurrence of `words` in that text."""
-    ids = clean.tokens[0].tolist()
     first = clean.first_text_after_audio
-    text = model.tokenizer.decode(ids[first:])
+    text, ends = text_after_audio(model.tokenizer, clean)
     start = text.rfind(words)
     if start < 0:
         raise InputError(f"span 'text:{words}': {words!r} does not occur in the text after the audio {text!r}")
     end = start + len(words)
-    ends = [len(model.tokenizer.decode(ids[first : p + 1])) for p in range(first, len(ids))]
     starts = [0, *ends[:-1]]
     return [first + j for j, (a, b) in enumerate(zip(starts, ends, strict=True)) if a < end and b > start]

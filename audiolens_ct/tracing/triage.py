@@ -43,7 +43,7 @@ from audiolens_ct.tracing.timeline import time_windows
 if TYPE_CHECKING:
     from audiolens_ct.model import HookedLALM
 
-DEFAULT_BUDGET = 0.1
+DEFAULT_BUDGET = TraceConfig.atp_budget
 """Exact verification may cost this fraction of the exact grid (the issue's 10 %)."""
 
 
